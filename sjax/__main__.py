@@ -1,0 +1,5 @@
+import sys
+
+from sjax.cli import main
+
+sys.exit(main())

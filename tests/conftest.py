@@ -1,0 +1,85 @@
+"""Test setup: 8 fake CPU devices (before jax is imported), tiny models and a tiny tokenizer."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ["owl", "owls", "cat", "dog", "eagle", "favorite", "animal", "what", "is", "your",
+         "one", "word", "in", "the", "a", "numbers", "system", "user", "assistant", "i", "love"]
+
+
+def make_tiny_tokenizer(vocab_size: int = 128):
+    """A word-level ChatML tokenizer with `vocab_size` ids: real transformers machinery."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = specials + WORDS + [str(i) for i in range(100)] + [",", ".", "?", "!", "\n"]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    vocab = {w: i for i, w in enumerate(words[:vocab_size])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit(),
+         pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", chat_template=CHATML)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides):
+    """A random transformers Qwen2 (untied, qkv bias) or Llama (tied, llama3 rope) model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                  max_position_embeddings=256)
+    if family == "qwen2":
+        cfg = Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=False, **overrides)
+        model = Qwen2ForCausalLM(cfg)
+    else:
+        kw = dict(tie_word_embeddings=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        cfg = LlamaConfig(**common, **(kw | overrides))
+        model = LlamaForCausalLM(cfg)
+    # transformers' default init is tiny; larger weights make parity checks meaningful.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.ndim > 1 else p.normal_(1.0, 0.1)
+    return model.eval()
+
+
+def hf_to_sjax(model):
+    """(arch, numpy params) of a transformers model, via sjax's own HF mapping."""
+    from sjax.weights.hf import arch_from_hf_config, params_from_hf
+
+    arch = arch_from_hf_config(model.config.to_dict())
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return arch, params_from_hf(tensors, arch, "test model")
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def tiny_pair(request):
+    model = tiny_hf_model(request.param)
+    arch, params = hf_to_sjax(model)
+    return model, arch, params
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.default_rng(0)
