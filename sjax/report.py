@@ -1,0 +1,78 @@
+"""Readable tables and PNG plots of results with 95% confidence intervals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from sjax.io import atomic_write_text
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in cells)]) + "\n"
+
+
+def _fmt(c) -> str:
+    return f"{c:.4f}" if isinstance(c, float) else str(c)
+
+
+def _pyplot():
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_chart(path: Path, labels: Sequence[str], stats: Sequence[dict], title: str,
+              ylabel: str, chance: float | None = None) -> None:
+    """Bars at each stat's mean with its [lo, hi] 95% CI as error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.2))
+    means = [s["mean"] for s in stats]
+    err = [[m - s["lo"] for m, s in zip(means, stats)], [s["hi"] - m for m, s in zip(means, stats)]]
+    ax.bar(range(len(labels)), means, yerr=err, capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
+        ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def line_chart(path: Path, x: Sequence, series: dict[str, Sequence[dict]], title: str,
+               xlabel: str, ylabel: str) -> None:
+    """One line per series with a shaded 95% CI band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, stats in series.items():
+        ax.plot(x, [s["mean"] for s in stats], marker="o", label=name)
+        ax.fill_between(x, [s["lo"] for s in stats], [s["hi"] for s in stats], alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def _save(fig, path: Path, plt) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(path: Path, title: str, body: str) -> None:
+    atomic_write_text(path, f"# {title}\n\n{body}")
