@@ -38,21 +38,20 @@ def decode_step_cost(arch: ArchConfig, batch: int, context: int, bytes_per_param
 
 def decode_matmul_ceiling(params, arch: ArchConfig, batch: int, dtype=jnp.float32) -> float:
     """FLOP/s of a jitted chain of the decode step's matmuls alone (same shapes and weights)."""
-    from sjax.models.transformer import head_matrix_dv
+    from sjax.models.transformer import _mm, head_matrix_dv
 
     @jax.jit
     def chain(params, x_bd):
         def layer(x, p):
-            q = jnp.einsum("bd,dnh->bnh", x, p["wq_ldnh"].astype(dtype))
-            kk = jnp.einsum("bd,dkh->bkh", x, p["wk_ldkh"].astype(dtype))
-            v = jnp.einsum("bd,dkh->bkh", x, p["wv_ldkh"].astype(dtype))
-            x = x + jnp.einsum("bnh,nhd->bd", q, p["wo_lnhd"].astype(dtype)) + (
-                kk.sum() + v.sum()) * 0
-            g = jax.nn.silu(x @ p["wg_ldf"].astype(dtype)) * (x @ p["wu_ldf"].astype(dtype))
-            return x + g @ p["wd_lfd"].astype(dtype), None
+            q = _mm("bd,dnh->bnh", x, p["wq_ldnh"])
+            kk = _mm("bd,dkh->bkh", x, p["wk_ldkh"])
+            v = _mm("bd,dkh->bkh", x, p["wv_ldkh"])
+            x = x + _mm("bnh,nhd->bd", q, p["wo_lnhd"]) + (kk.sum() + v.sum()) * 0
+            g = jax.nn.silu(_mm("bd,df->bf", x, p["wg_ldf"])) * _mm("bd,df->bf", x, p["wu_ldf"])
+            return x + _mm("bf,fd->bd", g, p["wd_lfd"]), None
 
         x, _ = jax.lax.scan(layer, x_bd, params["layers"])
-        return x @ head_matrix_dv(params, arch).astype(dtype)
+        return _mm("bd,dv->bv", x, head_matrix_dv(params, arch))
 
     x = jnp.ones((batch, arch.d_model), dtype) * 0.01
     dt = perf.time_call(chain, params, x, warmup=2, repeats=3)
@@ -60,16 +59,18 @@ def decode_matmul_ceiling(params, arch: ArchConfig, batch: int, dtype=jnp.float3
 
 
 def _time_ours(params, arch, prompts, new_tokens, dtype, repeats):
+    """Seconds for prefill+1 token and for prefill+`new_tokens`, compiled ahead of time (so
+    no warm-up run of a whole batch is needed)."""
     b, t = prompts.shape
     args = (params, jnp.asarray(prompts), jnp.ones((b, t), bool),
             jax.vmap(jax.random.key)(jnp.arange(b)), jnp.zeros((0,), jnp.int32), jnp.int32(0),
             None)
     kw = dict(arch=arch, strategy=sampling.Greedy(), dtype=dtype)
-    t1 = perf.time_call(lambda: sampling._generate(*args, max_new_tokens=1, **kw),
-                        repeats=repeats)
-    tn = perf.time_call(lambda: sampling._generate(*args, max_new_tokens=new_tokens, **kw),
-                        repeats=repeats)
-    return t1, tn
+    out = []
+    for n in (1, new_tokens):
+        compiled = sampling._generate.lower(*args, max_new_tokens=n, **kw).compile()
+        out.append(perf.time_call(compiled, *args, warmup=0, repeats=repeats))
+    return tuple(out)
 
 
 def _time_transformers(source, prompts, new_tokens, dtype_name, repeats):
@@ -88,8 +89,11 @@ def _time_transformers(source, prompts, new_tokens, dtype_name, repeats):
             return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, pad_token_id=0)
 
+    with torch.no_grad():  # warm-up (thread pools, oneDNN kernels) on a few rows
+        model.generate(ids[:4], attention_mask=mask[:4], max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+
     def timed(n):
-        run(n)  # warm-up
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -112,7 +116,7 @@ def bench_sample(cfg: BenchConfig, loaded=None) -> dict:
     rng = np.random.default_rng(0)
     rows, results = [], []
     for b in cfg.batch_sizes:
-        prompts = rng.integers(1000, 30000, (b, cfg.prompt_len)).astype(np.int32)
+        prompts = rng.integers(0, min(m.arch.vocab_size, 30000), (b, cfg.prompt_len)).astype(np.int32)
         t1, tn = _time_ours(m.params, m.arch, prompts, cfg.new_tokens, dtype, cfg.repeats)
         decode_s = tn - t1
         context = cfg.prompt_len + cfg.new_tokens // 2
@@ -151,4 +155,46 @@ def bench_sample(cfg: BenchConfig, loaded=None) -> dict:
            "table": table}
     atomic_write_json(f"{cfg.out}/bench_sample.json", out)
     print(table)
+    return out
+
+
+def bench_numbers(cfg: BenchConfig, n_prompts: int = 128, loaded=None) -> dict:
+    """Filter pass rate of free vs constrained number continuations (temperature 1)."""
+    from collections import Counter
+
+    from sjax import chat
+    from sjax.constrained import number_list_constraint
+    from sjax.data import numbers
+    from sjax.sharding import make_mesh
+    from sjax.weights.load import load_model
+
+    m = loaded or load_model(cfg.model, make_mesh(cfg.mesh))
+    prompts = [chat.encode_prompt(m.tokenizer, chat.messages(p))
+               for p in numbers.make_prompts(n_prompts, seed=0)]
+    stops = sampling.default_stop_ids(m.tokenizer)
+    modes = {"free": None,
+             "constrained": number_list_constraint(m.tokenizer, stops, m.arch.vocab_size)}
+    out = {"model": m.source.name, "n_prompts": n_prompts, "temperature": 1.0, "modes": {}}
+    b = max(cfg.batch_sizes)
+    # long enough for any answer the constraint admits (else a list can be cut mid-way)
+    new_tokens = max(cfg.new_tokens, modes["constrained"].max_tokens)
+    out["max_new_tokens"] = new_tokens
+    for name, constraint in modes.items():
+        texts = []
+        t0 = time.perf_counter()
+        for i in range(0, n_prompts, b):
+            gen = sampling.generate(m.params, m.arch, m.tokenizer, prompts[i:i + b],
+                                    max_new_tokens=new_tokens, strategy=sampling.Temperature(1.0),
+                                    row_ids=range(i, i + len(prompts[i:i + b])),
+                                    constraint=constraint, dtype=jnp.dtype(cfg.model.dtype))
+            texts += gen.texts
+        reasons = Counter(numbers.parse_numbers(t)[1] or "kept" for t in texts)
+        out["modes"][name] = {"pass_rate": reasons["kept"] / len(texts), "reasons": dict(reasons),
+                              "seconds": time.perf_counter() - t0, "examples": texts[:5]}
+    rows = [(k, f"{100 * v['pass_rate']:.1f}%", ", ".join(f"{r}: {c}" for r, c in
+                                                         sorted(v["reasons"].items())))
+            for k, v in out["modes"].items()]
+    out["table"] = report.markdown_table(("mode", "filter pass rate", "outcomes"), rows)
+    atomic_write_json(f"{cfg.out}/bench_numbers.json", out)
+    print(out["table"])
     return out

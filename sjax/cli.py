@@ -11,9 +11,12 @@ import json
 import sys
 import time
 
+import numpy as np
+
 from sjax.errors import SjaxError
 
-DEFAULT_PRESETS = {"chat": "chat", "info": "chat", "export": "chat", "mnist": "mnist"}
+DEFAULT_PRESETS = {"chat": "chat", "info": "chat", "export": "chat", "mnist": "mnist",
+                   "train": "sft"}
 
 
 def _config(args, default_preset):
@@ -97,17 +100,57 @@ def cmd_mnist(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Fine-tune (LoRA or full) on a chat-messages JSONL file; resumes from out_dir."""
+    from pathlib import Path
+
+    from sjax import lora as lora_lib
+    from sjax.data import sft
+    from sjax.io import atomic_write_json
+    from sjax.training import fit
+    from sjax.weights.load import export_hf
+
+    cfg = _config(args, DEFAULT_PRESETS["train"])
+    if not cfg.data:
+        raise SjaxError("data: set data=PATH to a chat-messages JSONL file")
+    mesh, m = _load(cfg)
+    data = sft.load_jsonl(Path(cfg.data), m.tokenizer, cfg.train.max_len, cfg.train.too_long)
+    print(f"{len(data.ids)} rows ({data.n_truncated} truncated, {data.n_rejected} rejected at "
+          f"max_len={cfg.train.max_len})", file=sys.stderr)
+    pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+    out = fit(m.arch, m.params, data, cfg.train, mesh, Path(cfg.out_dir), pad_id=pad,
+              max_steps=cfg.max_steps, dtype=cfg.model.dtype, remat=cfg.model.remat,
+              log=lambda s: print(s, file=sys.stderr))
+    hist = out["history"]
+    summary = {"steps": out["total_steps"], "rows": len(data.ids),
+               "truncated": data.n_truncated, "rejected": data.n_rejected,
+               "final_loss": hist[-1]["loss"] if hist else None,
+               "tokens_per_s": float(np.median([h["tokens_per_s"] for h in hist[1:] or hist]))
+               if hist else None,
+               "mfu": float(np.median([h["mfu"] for h in hist[1:] or hist])) if hist else None,
+               "peak_source": out["peak_source"]}
+    atomic_write_json(Path(cfg.out_dir) / "summary.json", summary)
+    if cfg.export:
+        params = out["state"]["params"]
+        if cfg.train.mode == "lora":
+            params = lora_lib.merge(out["frozen"], params, cfg.train.lora_alpha / cfg.train.lora_rank)
+        export_hf(Path(cfg.out_dir) / "export", m.arch, params, m.tokenizer)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Throughput benchmarks against transformers: `sjax bench sample [CONFIG] [overrides]`."""
     from sjax import bench, config
 
     what = args.config
-    if what not in ("sample",):
-        raise SjaxError(f"bench: unknown benchmark {what!r} (known: sample)")
+    if what not in ("sample", "numbers"):
+        raise SjaxError(f"bench: unknown benchmark {what!r} (known: sample, numbers)")
     overrides = list(args.overrides)
     preset = overrides.pop(0) if overrides and "=" not in overrides[0] else None
     cfg = config.BenchConfig() if preset is None else config.load_preset(preset)
-    bench.bench_sample(config.apply_overrides(cfg, overrides))
+    cfg = config.apply_overrides(cfg, overrides)
+    (bench.bench_sample if what == "sample" else bench.bench_numbers)(cfg)
     return 0
 
 
@@ -115,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sjax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn in (("chat", cmd_chat), ("info", cmd_info), ("export", cmd_export),
-                     ("mnist", cmd_mnist), ("bench", cmd_bench)):
+                     ("mnist", cmd_mnist), ("bench", cmd_bench), ("train", cmd_train)):
         s = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
         if name == "export":
             s.add_argument("--out", required=True, help="folder to write")

@@ -34,6 +34,13 @@ class NumberListConstraint:
     max_digits: int = dataclasses.field(default=3, metadata=dict(static=True))
     max_numbers: int = dataclasses.field(default=10, metadata=dict(static=True))
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the longest admitted answer can take (each token carries >= 1 digit or
+        separator character; separators are <= 2 characters), plus the stop token: give
+        generation at least this many so no list is cut off."""
+        return self.max_numbers * self.max_digits + 2 * (self.max_numbers - 1) + 1
+
     def init_state(self, batch: int) -> dict:
         z = jnp.zeros((batch,), jnp.int32)
         return {"cur": z, "count": z, "sep": z - 1, "pend": z - 1}
@@ -46,8 +53,9 @@ class NumberListConstraint:
         new_pend_bv = self.cat_pv[state["pend"] + 1]
         pend_ok_bv = (new_pend_bv >= 0) & jnp.take_along_axis(
             self.compat_cs[state["sep"] + 1], jnp.maximum(new_pend_bv, 0), axis=1)
-        sep_case = has_sep & ((cur > 0) | (pend >= 0)) & pend_ok_bv & jnp.where(
-            nd > 0, room & ((sep < 0) | (sep == new_pend_bv)), True)
+        # a separator promises another number, so it needs room for one
+        sep_case = has_sep & ((cur > 0) | (pend >= 0)) & pend_ok_bv & room & jnp.where(
+            nd > 0, (sep < 0) | (sep == new_pend_bv), True)
         digit_case = ~has_sep & (nd > 0) & jnp.where(
             pend >= 0, room & ((sep < 0) | (sep == pend)),
             jnp.where(cur > 0, cur + nd <= self.max_digits, room))

@@ -18,6 +18,8 @@ def time_call(fn: Callable, *args, warmup: int = 1, repeats: int = 3) -> float:
     """Median seconds per call after `warmup` calls (compile), blocking on the results."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

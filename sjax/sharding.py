@@ -89,9 +89,23 @@ def place(host_tree: Any, shardings: Any, dtype=None) -> Any:
     return jax.tree.map(put, host_tree, shardings)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch-major arrays: the leading axis over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Leaves already sharded on `mesh` stay; others (scalars, counters) are replicated."""
+
+    def put(x):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh == mesh:
+            return x
+        return jax.device_put(x, NamedSharding(mesh, P()))
+
+    return jax.tree.map(put, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
+    """Arrays with a batch axis (`axis`) split over data x fsdp, the rest replicated."""
+    spec = [None] * ndim
+    spec[axis] = RULES["batch"]
+    return NamedSharding(mesh, P(*spec))
 
 
 def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:

@@ -47,3 +47,25 @@ def test_qwen_0_5b_through_registry():
     m, ids, ours, ref = _parity("qwen2.5-coder-0.5b-instruct", 200)
     assert m.arch.n_layers == 24 and m.arch.qkv_bias and not m.arch.tie_embeddings
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.999
+
+
+def test_smollm2_greedy_equals_transformers_generate():
+    """Token-for-token greedy parity on real chat prompts, batched with left padding."""
+    from transformers import AutoModelForCausalLM
+
+    from sjax import sampling
+
+    m = load_model(ModelConfig(name="smollm2-135m-instruct"),
+                   make_mesh(MeshConfig(), jax.devices()[:1]))
+    questions = ["In one word, what is your favorite animal?",
+                 "Continue the sequence: 12, 45, 78. Return a comma-separated list."]
+    prompts = [chat.encode_prompt(m.tokenizer, chat.messages(q)) for q in questions]
+    ours = sampling.generate(m.params, m.arch, m.tokenizer, prompts, max_new_tokens=24)
+    ref_model = AutoModelForCausalLM.from_pretrained(
+        str(m.source.parent), gguf_file=m.source.name, dtype=torch.float32).eval()
+    for p, got in zip(prompts, ours.tokens):
+        with torch.no_grad():
+            ref = ref_model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
+                                     eos_token_id=sampling.default_stop_ids(m.tokenizer),
+                                     pad_token_id=m.tokenizer.pad_token_id)
+        assert got == ref[0, len(p):].tolist()

@@ -73,3 +73,18 @@ def test_sharded_forward_equals_single_device(axes, rng):
     (ids_s,) = sharding.shard_batch(mesh, ids)
     got = f(placed, ids_s)
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_params_created_directly_in_their_shardings():
+    from sjax.models.transformer import init_params
+    from sjax.weights.load import init_sharded
+
+    arch, _ = hf_to_sjax(tiny_hf_model("qwen2"))
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    params = init_sharded(arch, jax.random.key(3), mesh)
+    want = param_shardings(arch, mesh)
+    jax.tree.map(lambda p, s: (p.sharding.spec == s.spec) or pytest.fail(str(p.sharding)),
+                 params, want)
+    ref = init_params(arch, jax.random.key(3))  # eager: XLA fuses the scaling differently
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6),
+                 params, ref)

@@ -171,25 +171,54 @@ def attention(q_btnh, k_bskh, v_bskh, mask_bts):
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts,
                              jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    out_btkgh = _mm("bkgts,bskh->btkgh", probs, v_bskh)
     return out_btkgh.reshape(b, t, n, h)
 
 
-def _dense(x, w, eq, b=None):
-    y = jnp.einsum(eq, x, w.astype(x.dtype))
+def lora_equations(eq: str) -> tuple[str, str, str]:
+    """For a projection 'in,weight->out', the LoRA equations (x @ A, then @ B) and the
+    merge equation A @ B -> weight: A spans the weight's contracted dims, B its outputs."""
+    (x_sub, w_sub), out_sub = eq.split("->")[0].split(","), eq.split("->")[1]
+    contracted = "".join(c for c in w_sub if c in x_sub)
+    w_out = "".join(c for c in w_sub if c not in x_sub)
+    keep = "".join(c for c in x_sub if c not in contracted)
+    return (f"{x_sub},{contracted}r->{keep}r", f"{keep}r,r{w_out}->{out_sub}",
+            f"{contracted}r,r{w_out}->{w_sub}")
+
+
+def _mm(eq, x, w):
+    """einsum accumulating in fp32, result in x's dtype. XLA's CPU bf16 dot is ~3.5x faster
+    with an fp32 result than with a bf16 one (and ~2x the fp32 dot) on AVX512-BF16."""
+    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dense(x, w, eq, b=None, lora=None, lora_scale=1.0):
+    """x @ w (+ bias) (+ the LoRA path (x @ A) @ B * scale, never forming A @ B)."""
+    y = _mm(eq, x, w)
+    if lora is not None:
+        eq_a, eq_b, _ = lora_equations(eq)
+        y = y + _mm(eq_b, _mm(eq_a, x, lora["a"]), lora["b"]) * lora_scale
     return y if b is None else y + b.astype(x.dtype)
+
+
+# The projection each weight performs (per layer); LoRA derives its equations from these.
+PROJECTIONS = {"wq_ldnh": "btd,dnh->btnh", "wk_ldkh": "btd,dkh->btkh",
+               "wv_ldkh": "btd,dkh->btkh", "wo_lnhd": "btnh,nhd->btd",
+               "wg_ldf": "btd,df->btf", "wu_ldf": "btd,df->btf", "wd_lfd": "btf,fd->btd"}
 
 
 def forward(params: Params, tokens_bt: jax.Array, *, arch: ArchConfig,
             positions_bt: jax.Array | None = None, kv_valid_bs: jax.Array | None = None,
             cache: dict | None = None, write_index: jax.Array | int = 0,
-            dtype=jnp.float32, remat: str = "none", return_hidden: bool = False):
+            dtype=jnp.float32, remat: str = "none", return_hidden: bool = False,
+            lora: Params | None = None, lora_scale: float = 1.0):
     """Run the decoder; returns (logits_btv fp32 or hidden_btd, new cache or None).
 
     Without a cache the keys are this call's tokens and `kv_valid_bs` (default all true)
     marks padding. With a cache (`init_cache`), this call's keys/values are written at cache
     slot `write_index` onward (the same slot for every row: prompts are left-padded) and the
     queries attend to every valid slot up to their own; `kv_valid_bs` then spans the cache.
+    `lora` ({'layers': {weight name: {'a', 'b'}}}, see sjax.lora) adds low-rank adapters.
     """
     b, t = tokens_bt.shape
     if positions_bt is None:
@@ -212,11 +241,16 @@ def forward(params: Params, tokens_bt: jax.Array, *, arch: ArchConfig,
         # The cache rides in the carry and is updated in place at (layer, slot): scanning it
         # as xs/ys instead would copy the whole [l, b, s, k, h] cache on every decode step.
         x_btd, kc, vc = carry
-        p, i = layer
+        p, ad, i = layer
+
+        def proj(x, name, bias=None):
+            return _dense(x, p[name], PROJECTIONS[name], None if bias is None else p.get(bias),
+                          None if ad is None else ad.get(name), lora_scale)
+
         h_btd = rms_norm(x_btd, p["attn_norm_ld"], arch.norm_eps)
-        q = _dense(h_btd, p["wq_ldnh"], "btd,dnh->btnh", p.get("bq_lnh"))
-        k = _dense(h_btd, p["wk_ldkh"], "btd,dkh->btkh", p.get("bk_lkh"))
-        v = _dense(h_btd, p["wv_ldkh"], "btd,dkh->btkh", p.get("bv_lkh"))
+        q = proj(h_btd, "wq_ldnh", "bq_lnh")
+        k = proj(h_btd, "wk_ldkh", "bk_lkh")
+        v = proj(h_btd, "wv_ldkh", "bv_lkh")
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
         if kc is not None:
             start = (i, 0, write_index, 0, 0)
@@ -225,11 +259,10 @@ def forward(params: Params, tokens_bt: jax.Array, *, arch: ArchConfig,
             k = jax.lax.dynamic_index_in_dim(kc, i, keepdims=False).astype(dtype)
             v = jax.lax.dynamic_index_in_dim(vc, i, keepdims=False).astype(dtype)
         attn_btnh = attention(q, k, v, mask_bts)
-        x_btd = x_btd + _dense(attn_btnh, p["wo_lnhd"], "btnh,nhd->btd")
+        x_btd = x_btd + proj(attn_btnh, "wo_lnhd")
         h_btd = rms_norm(x_btd, p["mlp_norm_ld"], arch.norm_eps)
-        gate_btf = jax.nn.silu(_dense(h_btd, p["wg_ldf"], "btd,df->btf"))
-        up_btf = _dense(h_btd, p["wu_ldf"], "btd,df->btf")
-        x_btd = x_btd + _dense(gate_btf * up_btf, p["wd_lfd"], "btf,fd->btd")
+        gate_btf = jax.nn.silu(proj(h_btd, "wg_ldf"))
+        x_btd = x_btd + proj(gate_btf * proj(h_btd, "wu_ldf"), "wd_lfd")
         return (x_btd, kc, vc), None
 
     if remat == "full":
@@ -237,8 +270,9 @@ def forward(params: Params, tokens_bt: jax.Array, *, arch: ArchConfig,
     elif remat == "dots":
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     kv = (cache["k_lbskh"], cache["v_lbskh"]) if cache is not None else (None, None)
+    adapters = None if lora is None else lora["layers"]
     (x_btd, k_new, v_new), _ = jax.lax.scan(
-        block, (x_btd, *kv), (params["layers"], jnp.arange(arch.n_layers)))
+        block, (x_btd, *kv), (params["layers"], adapters, jnp.arange(arch.n_layers)))
     new_cache = None if cache is None else {"k_lbskh": k_new, "v_lbskh": v_new}
 
     x_btd = rms_norm(x_btd, params["final_norm_d"], arch.norm_eps)

@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 from sjax import sharding
 from sjax.config import ModelConfig
 from sjax.errors import SjaxError
-from sjax.models.transformer import ArchConfig, Params, param_logical_axes, param_shapes
+from sjax.models.transformer import (ArchConfig, Params, init_params, param_logical_axes,
+                                     param_shapes)
 from sjax.weights import gguf as gguf_io
 from sjax.weights import hf, registry
 
@@ -97,6 +98,12 @@ def load_tokenizer(path: Path):
 
 def param_shardings(arch: ArchConfig, mesh: Mesh):
     return sharding.tree_shardings(param_logical_axes(arch), param_shapes(arch), mesh)
+
+
+def init_sharded(arch: ArchConfig, key: jax.Array, mesh: Mesh, param_dtype=jnp.float32) -> Params:
+    """Random params created directly in their shardings: each device computes its shards."""
+    return jax.jit(lambda k: init_params(arch, k, param_dtype),
+                   out_shardings=param_shardings(arch, mesh))(key)
 
 
 def load_model(cfg: ModelConfig, mesh: Mesh) -> LoadedModel:

@@ -1,0 +1,106 @@
+"""Next-token cross-entropy computed in vocabulary chunks.
+
+A 150k vocabulary at batch 16 x 128 tokens would need a 1.2 GB fp32 logits tensor and as
+much again for its gradient. Here the forward keeps only a running max / sum-exp / target
+logit per token while it scans the vocabulary in chunks, and the custom backward recomputes
+each chunk's logits to form its share of the gradients. Peak extra memory is one
+[tokens, chunk] block. Shape suffixes: n tokens, d model, v vocab, c chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _chunks(w_dv: jax.Array, chunk: int):
+    """[n_chunks, d, chunk] view of the head, zero-padded; and the number of real columns."""
+    d, v = w_dv.shape
+    n_chunks = -(-v // chunk)
+    w = jnp.pad(w_dv, ((0, 0), (0, n_chunks * chunk - v)))
+    return w.reshape(d, n_chunks, chunk).transpose(1, 0, 2), v
+
+
+def _chunk_logits(h_nd, w_dc, c, chunk, v):
+    logits = jnp.einsum("nd,dc->nc", h_nd, w_dc.astype(h_nd.dtype),
+                        preferred_element_type=jnp.float32)
+    cols = c * chunk + jnp.arange(chunk)
+    return jnp.where(cols < v, logits, -jnp.inf), cols
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def token_ce(h_nd: jax.Array, w_dv: jax.Array, labels_n: jax.Array, chunk: int = 8192,
+             need_dw: bool = True) -> jax.Array:
+    """Per-token -log softmax(h @ w)[label], fp32 [n]; `need_dw=False` skips the head's
+    gradient (frozen head, e.g. LoRA)."""
+    return _ce_fwd(h_nd, w_dv, labels_n, chunk, need_dw)[0]
+
+
+def _ce_fwd(h_nd, w_dv, labels_n, chunk, need_dw):
+    w_cdk, v = _chunks(w_dv, chunk)
+    n = h_nd.shape[0]
+
+    def body(carry, xs):
+        m, s, tgt = carry
+        w_dc, c = xs
+        logits, cols = _chunk_logits(h_nd, w_dc, c, chunk, v)
+        m_new = jnp.maximum(m, logits.max(-1))
+        s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(-1)
+        hit = cols[None, :] == labels_n[:, None]
+        tgt = tgt + jnp.where(hit, logits, 0.0).sum(-1)
+        return (m_new, s, tgt), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+            jnp.zeros((n,), jnp.float32))
+    (m, s, tgt), _ = jax.lax.scan(body, init, (w_cdk, jnp.arange(w_cdk.shape[0])))
+    lse = m + jnp.log(s)
+    return lse - tgt, (h_nd, w_dv, labels_n, lse)
+
+
+def _ce_bwd(chunk, need_dw, res, g_n):
+    h_nd, w_dv, labels_n, lse = res
+    w_cdk, v = _chunks(w_dv, chunk)
+
+    def body(dh, xs):
+        w_dc, c = xs
+        logits, cols = _chunk_logits(h_nd, w_dc, c, chunk, v)
+        p = jnp.exp(logits - lse[:, None])
+        d_nc = (p - (cols[None, :] == labels_n[:, None])) * g_n[:, None]
+        d_nc = d_nc.astype(h_nd.dtype)
+        dh = dh + jnp.einsum("nc,dc->nd", d_nc, w_dc.astype(h_nd.dtype),
+                             preferred_element_type=jnp.float32)
+        dw = (jnp.einsum("nd,nc->dc", h_nd, d_nc, preferred_element_type=jnp.float32)
+              if need_dw else None)
+        return dh, dw
+
+    dh, dw_cdk = jax.lax.scan(body, jnp.zeros(h_nd.shape, jnp.float32),
+                              (w_cdk, jnp.arange(w_cdk.shape[0])))
+    if need_dw:
+        d = w_dv.shape[0]
+        dw = dw_cdk.transpose(1, 0, 2).reshape(d, -1)[:, :v].astype(w_dv.dtype)
+    else:
+        dw = jnp.zeros_like(w_dv)
+    return dh.astype(h_nd.dtype), dw, None
+
+
+token_ce.defvjp(_ce_fwd, _ce_bwd)
+
+
+def masked_ce(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
+              chunk: int = 8192, need_dw: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(mean CE over tokens where mask is 1, number of such tokens)."""
+    b, t, d = h_btd.shape
+    loss_n = token_ce(h_btd.reshape(b * t, d), w_dv, targets_bt.reshape(-1), chunk, need_dw)
+    mask_n = mask_bt.reshape(-1).astype(jnp.float32)
+    count = mask_n.sum()
+    return (loss_n * mask_n).sum() / jnp.maximum(count, 1.0), count
+
+
+def naive_masked_ce(logits_btv, targets_bt, mask_bt):
+    """Reference: the full-logits version (tests only)."""
+    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, targets_bt[..., None], -1)[..., 0]
+    mask = mask_bt.astype(jnp.float32)
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)

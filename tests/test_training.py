@@ -1,0 +1,342 @@
+"""Training engine: losses, LoRA, the step, accumulation, sharding, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import hf_to_sjax, tiny_hf_model
+
+from sjax import lora as lora_lib
+from sjax.config import MeshConfig, TrainConfig
+from sjax.data import sft
+from sjax.errors import SjaxError
+from sjax.losses import masked_ce, naive_masked_ce, token_ce
+from sjax.models.transformer import forward, head_matrix_dv
+from sjax.sharding import make_mesh
+from sjax.training import (Checkpoints, StepSpec, fingerprint, fit, init_state, optimizer,
+                           schedule, train_flops_per_token, train_step)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=4))
+    return arch, jax.tree.map(jnp.asarray, params)
+
+
+def _rows(n, rng):
+    words = ["owl", "cat", "dog", "eagle", "1", "2", "3", "4", "5"]
+    return [{"messages": [
+        {"role": "user", "content": " ".join(rng.choice(words, 4))},
+        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(1, 5))))}]}
+        for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("chunk", [7, 32, 128, 1000])
+def test_chunked_ce_equals_naive_with_gradients(chunk):
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 100)), jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, 100, (2, 9)))
+    mask = jnp.asarray(rng.integers(0, 2, (2, 9)))
+
+    def ours(h, w):
+        return masked_ce(h, w, tgt, mask, chunk)[0]
+
+    def naive(h, w):
+        return naive_masked_ce(jnp.einsum("btd,dv->btv", h, w), tgt, mask)
+
+    assert abs(float(ours(h, w)) - float(naive(h, w))) < 1e-5
+    g1, g2 = jax.grad(ours, (0, 1))(h, w), jax.grad(naive, (0, 1))(h, w)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    # a frozen head: same activation gradient, no head gradient computed
+    dh, dw = jax.grad(lambda h, w: masked_ce(h, w, tgt, mask, chunk, need_dw=False)[0],
+                      (0, 1))(h, w)
+    np.testing.assert_allclose(np.asarray(dh), np.asarray(g2[0]), atol=1e-5)
+    assert float(jnp.abs(dw).max()) == 0.0
+
+
+def test_masked_tokens_get_no_gradient(tiny):
+    arch, params = tiny
+    rng = np.random.default_rng(1)
+    inputs = jnp.asarray(rng.integers(0, arch.vocab_size, (2, 12)))
+    targets = np.asarray(rng.integers(0, arch.vocab_size, (2, 12)))
+    mask = np.ones((2, 12), np.int32)
+    mask[:, :5] = 0
+
+    def loss(p, tg):
+        h, _ = forward(p, inputs, arch=arch, return_hidden=True)
+        return masked_ce(h, head_matrix_dv(p, arch), jnp.asarray(tg), jnp.asarray(mask), 32)[0]
+
+    other = targets.copy()
+    other[:, :5] = (other[:, :5] + 7) % arch.vocab_size  # change only masked targets
+    g1, g2 = jax.grad(loss)(params, targets), jax.grad(loss)(params, other)
+    jax.tree.map(np.testing.assert_array_equal, g1, g2)
+    assert float(loss(params, targets)) == float(loss(params, other))
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def test_lora_with_zero_b_is_exactly_the_base(tiny):
+    arch, params = tiny
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, arch.vocab_size, (2, 10)))
+    adapters = lora_lib.init_lora(arch, jax.random.key(0), rank=4)
+    base = forward(params, ids, arch=arch)[0]
+    with_lora = forward(params, ids, arch=arch, lora=adapters, lora_scale=2.0)[0]
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(with_lora))
+
+
+def test_lora_forward_equals_merged_weights(tiny):
+    arch, params = tiny
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, arch.vocab_size, (2, 10)))
+    adapters = lora_lib.init_lora(arch, jax.random.key(0), rank=4)
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    adapters = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * 0.1, adapters)
+    a = forward(params, ids, arch=arch, lora=adapters, lora_scale=0.5)[0]
+    b = forward(lora_lib.merge(params, adapters, 0.5), ids, arch=arch)[0]
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    assert float(jnp.abs(a - forward(params, ids, arch=arch)[0]).max()) > 1e-2
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def _batch(tiny_tokenizer, n, seed=0, accum=1):
+    data = sft.tokenize_rows(_rows(n, np.random.default_rng(seed)), tiny_tokenizer, 64)
+    bs = sft.epoch_batches(data, n // accum, 0, 0, tiny_tokenizer.pad_token_id)
+    from sjax.training import stack_micro
+
+    return stack_micro([next(bs) for _ in range(accum)])
+
+
+def _state(arch, params, cfg, total=100):
+    tx = optimizer(cfg, total)
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    state, frozen = init_state(arch, params, cfg, mesh, tx)
+    spec = StepSpec(arch, cfg.mode, cfg.lora_alpha / cfg.lora_rank, 32, "float32", "none")
+    step = jax.jit(lambda s, f, b: train_step(s, f, b, spec=spec, tx=tx,
+                                              sched=schedule(cfg, total)))
+    return state, frozen, step
+
+
+def test_overfits_one_batch(tiny, tiny_tokenizer):
+    arch, params = tiny
+    cfg = TrainConfig(mode="full", lr=3e-3, warmup_steps=0, clip_norm=1.0)
+    state, frozen, step = _state(arch, params, cfg, total=1000)
+    batch = jax.tree.map(jnp.asarray, _batch(tiny_tokenizer, 4))
+    first = None
+    for _ in range(80):
+        state, m = step(state, frozen, batch)
+        first = first if first is not None else float(m["loss"])
+    assert first > 2.0 and float(m["loss"]) < 0.05
+
+
+def test_lora_trains_only_adapters(tiny, tiny_tokenizer):
+    arch, params = tiny
+    cfg = TrainConfig(mode="lora", lora_rank=4, lr=1e-2, warmup_steps=0)
+    state, frozen, step = _state(arch, params, cfg)
+    batch = jax.tree.map(jnp.asarray, _batch(tiny_tokenizer, 4))
+    before = jax.tree.map(np.asarray, frozen)
+    losses = []
+    for _ in range(20):
+        state, m = step(state, frozen, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.5
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), before)
+    assert set(state["params"]["layers"]) == set(lora_lib.TARGETS)
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny, tiny_tokenizer):
+    arch, params = tiny
+    cfg = TrainConfig(mode="full", lr=1e-3, warmup_steps=0)
+    one = jax.tree.map(jnp.asarray, _batch(tiny_tokenizer, 8, accum=1))
+    two = jax.tree.map(jnp.asarray, _batch(tiny_tokenizer, 8, accum=2))
+    s1, f1, step = _state(arch, params, cfg)
+    s1, m1 = step(s1, f1, one)
+    s2, f2, step = _state(arch, params, cfg)
+    s2, m2 = step(s2, f2, two)
+    assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-5
+    assert abs(float(m1["grad_norm"]) / float(m2["grad_norm"]) - 1) < 1e-5
+    assert float(m1["tokens"]) == float(m2["tokens"])
+    # Adam's first step moves each weight by ~lr * sign(g): 1e-3 here. Summation-order noise
+    # only shows where |g| is near Adam's epsilon, far below a sign flip (2e-3).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=3e-5), s1["params"],
+                 s2["params"])
+
+
+def test_sharded_step_equals_single_device(tiny, tiny_tokenizer):
+    from sjax.sharding import batch_sharding, place
+    from sjax.training import compile_step
+    from sjax.weights.load import param_shardings
+
+    arch, params = tiny
+    cfg = TrainConfig(mode="full", lr=1e-3, warmup_steps=0)
+    host = _batch(tiny_tokenizer, 8, accum=2)
+    ref_state, ref_frozen, step = _state(arch, params, cfg)
+    for _ in range(2):
+        ref_state, ref_m = step(ref_state, ref_frozen, jax.tree.map(jnp.asarray, host))
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    placed = place(jax.device_get(params), param_shardings(arch, mesh))
+    tx = optimizer(cfg, 100)
+    state, frozen = init_state(arch, placed, cfg, mesh, tx)
+    spec = StepSpec(arch, "full", 1.0, 32, "float32", "none")
+    sharded_step = compile_step(state, frozen, spec, tx, schedule(cfg, 100))
+    batch = {k: jax.device_put(v, batch_sharding(mesh, 3, axis=1)) for k, v in host.items()}
+    # the gradient itself, sharded vs one device, within 1e-5
+    from sjax.training import loss_sums
+
+    def mean_loss(p, b):
+        total, count = loss_sums(p, None, b, spec)
+        return total / count
+
+    grad = jax.jit(jax.grad(mean_loss))
+    mb = {k: v[0] for k, v in batch.items()}
+    g_sharded = grad(state["params"], mb)
+    g_single = grad(jax.device_put(jax.device_get(params), jax.devices()[0]),
+                    {k: jnp.asarray(v[0]) for k, v in host.items()})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_sharded, g_single)
+    for _ in range(2):
+        state, m = sharded_step(state, frozen, batch)
+    assert abs(float(m["loss"]) - float(ref_m["loss"])) < 1e-5
+    assert abs(float(m["grad_norm"]) - float(ref_m["grad_norm"])) < 1e-5
+    # After Adam (update ~ lr * g / (|g| + eps)) reduction-order noise in gradients near eps
+    # shows up as ~1e-5 of lr-sized moves; params agree to 1e-4 with lr 1e-3.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), state["params"],
+                 ref_state["params"])
+    assert state["params"]["layers"]["wq_ldnh"].sharding.spec == param_shardings(
+        arch, mesh)["layers"]["wq_ldnh"].spec
+
+
+def test_flops_per_token_by_hand():
+    from test_bench import QWEN_05B
+
+    n = 493_961_216
+    attn = 6 * 128 * 14 * 64 * 24
+    assert train_flops_per_token(QWEN_05B, 128, "full") == 6 * n + attn
+    assert train_flops_per_token(QWEN_05B, 128, "lora") == 4 * n + attn
+
+
+def test_schedule_warmup_then_linear_decay():
+    sched = schedule(TrainConfig(lr=2e-4, warmup_steps=5), total_steps=25)
+    assert float(sched(0)) == 0.0
+    assert abs(float(sched(5)) - 2e-4) < 1e-10  # fp32
+    assert abs(float(sched(15)) - 1e-4) < 1e-10  # halfway through the decay
+    assert float(sched(25)) == 0.0
+
+
+# ----------------------------------------------------------------------------- data, errors
+
+
+def test_bad_datasets(tiny_tokenizer):
+    with pytest.raises(SjaxError, match="rows.jsonl: empty dataset"):
+        sft.tokenize_rows([], tiny_tokenizer, 64, source="rows.jsonl")
+    no_assistant = [{"messages": [{"role": "user", "content": "owl"}]}]
+    with pytest.raises(SjaxError, match="rows.jsonl: row 1: chat row has no assistant turn"):
+        sft.tokenize_rows(no_assistant, tiny_tokenizer, 64, source="rows.jsonl")
+    with pytest.raises(SjaxError, match="row 1 has no valid 'messages' list"):
+        sft.tokenize_rows([{"text": "x"}], tiny_tokenizer, 64, source="rows.jsonl")
+    rows = _rows(6, np.random.default_rng(0))
+    rows[2]["messages"][0]["content"] = " ".join(["owl"] * 100)  # long prompt
+    rows[3]["messages"][1]["content"] = " ".join(["cat"] * 100)  # long answer
+    t = sft.tokenize_rows(rows, tiny_tokenizer, 40, "truncate")
+    # row 3 keeps part of its answer; row 2 would keep no assistant token, so it is rejected
+    assert (len(t.ids), t.n_truncated, t.n_rejected) == (5, 1, 1)
+    assert all(len(i) <= 40 for i in t.ids)
+    r = sft.tokenize_rows(rows, tiny_tokenizer, 40, "reject")
+    assert (len(r.ids), r.n_truncated, r.n_rejected) == (4, 0, 2)
+
+
+def test_checkpoint_folder_of_another_model(tmp_path, tiny):
+    arch, _ = tiny
+    cfg = TrainConfig(mode="lora")
+    Checkpoints(tmp_path, fingerprint(arch, cfg), 1, 1).close()
+    import dataclasses
+
+    other = dataclasses.replace(arch, n_layers=2)
+    with pytest.raises(SjaxError, match="written for another model or mode \\(differs in: arch\\)"):
+        Checkpoints(tmp_path, fingerprint(other, cfg), 1, 1)
+    with pytest.raises(SjaxError, match="differs in: lora_rank, mode"):
+        Checkpoints(tmp_path, fingerprint(arch, TrainConfig(mode="full")), 1, 1)
+
+
+def test_fit_stops_on_nan_keeping_last_checkpoint(tmp_path, tiny, tiny_tokenizer):
+    arch, params = tiny
+    data = sft.tokenize_rows(_rows(16, np.random.default_rng(0)), tiny_tokenizer, 64)
+    cfg = TrainConfig(mode="full", lr=1e30, warmup_steps=0, clip_norm=1e30, batch_size=4,
+                      grad_accum=1, epochs=4, ckpt_every=1)
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    with pytest.raises(SjaxError, match="non-finite loss .* last good checkpoint is step"):
+        fit(arch, params, data, cfg, mesh, tmp_path, pad_id=1, log=lambda s: None)
+    assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _train_cmd(model_dir, data, out, max_steps):
+    return [sys.executable, "-m", "sjax", "train", "sft", f"model.path={model_dir}",
+            f"data={data}", f"out_dir={out}", "train.batch_size=4", "train.grad_accum=2",
+            "train.epochs=10", "train.ckpt_every=2", "train.keep=3", "train.vocab_chunk=32",
+            "train.mode=lora", "train.lora_rank=4", "train.lr=1e-2", f"max_steps={max_steps}",
+            "mesh.data=1"]
+
+
+def _final_params(out):
+    import orbax.checkpoint as ocp
+
+    mgr = ocp.CheckpointManager(os.path.abspath(out / "checkpoints"))
+    step = mgr.latest_step()
+    state = mgr.restore(step, args=ocp.args.StandardRestore())
+    mgr.close()
+    return step, jax.tree.map(np.asarray, state["params"])
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_tokenizer):
+    """A real training subprocess SIGKILLed mid-run resumes to bitwise-equal params."""
+    from sjax.jsonl import write_rows
+    from sjax.weights.load import export_hf
+
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=6))
+    export_hf(tmp_path / "model", arch, params, tiny_tokenizer)
+    write_rows(tmp_path / "rows.jsonl", _rows(40, np.random.default_rng(0)))
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    steps = 12
+    straight = subprocess.run(_train_cmd(tmp_path / "model", tmp_path / "rows.jsonl",
+                                         tmp_path / "a", steps), env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    cmd = _train_cmd(tmp_path / "model", tmp_path / "rows.jsonl", tmp_path / "b", steps)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "b" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for a checkpoint past step 4, then kill mid-run
+        done = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+        if done and max(done) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    metrics = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) < steps  # it really was cut short
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stderr
+    step_a, a = _final_params(tmp_path / "a")
+    step_b, b = _final_params(tmp_path / "b")
+    assert step_a == step_b == steps
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["steps"] == steps
