@@ -18,14 +18,7 @@ import numpy as np
 from sjax import perf, report, sampling
 from sjax.config import BenchConfig
 from sjax.io import atomic_write_json
-from sjax.models.transformer import ArchConfig
-
-
-def matmul_params(arch: ArchConfig) -> int:
-    """Parameters that take part in matmuls per token (LM head in, embedding lookup out)."""
-    d, n, k, h, f = arch.d_model, arch.n_heads, arch.n_kv_heads, arch.head_dim, arch.d_ff
-    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
-    return arch.n_layers * per_layer + d * arch.vocab_size
+from sjax.models.transformer import ArchConfig, matmul_params
 
 
 def decode_step_cost(arch: ArchConfig, batch: int, context: int, bytes_per_param: int = 4):

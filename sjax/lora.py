@@ -15,13 +15,13 @@ from sjax.models.transformer import PROJECTIONS, ArchConfig, Params, lora_equati
 TARGETS = tuple(PROJECTIONS)  # q, k, v, o, gate, up, down
 
 
-def _split_shape(name: str, shape: tuple[int, ...]):
-    """(contracted dims, output dims) of a stacked weight [l, ...]."""
-    eq = PROJECTIONS[name]
-    x_sub, w_sub = eq.split("->")[0].split(",")
-    dims = dict(zip(w_sub, shape[1:]))
-    return (tuple(dims[c] for c in w_sub if c in x_sub),
-            tuple(dims[c] for c in w_sub if c not in x_sub))
+def _split_weight(name: str, per_dim: tuple) -> tuple[tuple, tuple]:
+    """Split per-dimension values (sizes, axis names) of a stacked weight [l, ...] into
+    (contracted dims, output dims) of its projection: A spans the first, B the second."""
+    x_sub, w_sub = PROJECTIONS[name].split("->")[0].split(",")
+    by_letter = dict(zip(w_sub, per_dim[1:]))
+    return (tuple(by_letter[c] for c in w_sub if c in x_sub),
+            tuple(by_letter[c] for c in w_sub if c not in x_sub))
 
 
 def init_lora(arch: ArchConfig, key: jax.Array, rank: int, targets=TARGETS,
@@ -31,7 +31,7 @@ def init_lora(arch: ArchConfig, key: jax.Array, rank: int, targets=TARGETS,
     out = {}
     for k, name in zip(jax.random.split(key, len(targets)), targets):
         L = shapes[name][0]
-        ins, outs = _split_shape(name, shapes[name])
+        ins, outs = _split_weight(name, shapes[name])
         fan_in = 1
         for d in ins:
             fan_in *= d
@@ -44,12 +44,8 @@ def init_lora(arch: ArchConfig, key: jax.Array, rank: int, targets=TARGETS,
 def lora_logical_axes(lora: Params, base_axes: Params) -> Params:
     """Adapters follow their weight's sharding on the in/out dims; the rank is replicated."""
     out = {}
-    for name, ab in lora["layers"].items():
-        eq = PROJECTIONS[name]
-        x_sub, w_sub = eq.split("->")[0].split(",")
-        axes = dict(zip(w_sub, base_axes["layers"][name][1:]))
-        ins = tuple(axes[c] for c in w_sub if c in x_sub)
-        outs = tuple(axes[c] for c in w_sub if c not in x_sub)
+    for name in lora["layers"]:
+        ins, outs = _split_weight(name, base_axes["layers"][name])
         out[name] = {"a": ("layers", *ins, None), "b": ("layers", None, *outs)}
     return {"layers": out}
 

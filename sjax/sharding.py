@@ -101,6 +101,11 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch axis is split (data x fsdp)."""
+    return int(np.prod([mesh.shape[a] for a in RULES["batch"]]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
     """Arrays with a batch axis (`axis`) split over data x fsdp, the rest replicated."""
     spec = [None] * ndim

@@ -29,7 +29,7 @@ from sjax.config import TrainConfig
 from sjax.errors import SjaxError
 from sjax.losses import masked_ce
 from sjax.models.transformer import (ArchConfig, Params, forward, head_matrix_dv,
-                                     param_logical_axes, param_shapes)
+                                     matmul_params, param_logical_axes)
 
 State = dict[str, Any]
 
@@ -60,8 +60,6 @@ def train_flops_per_token(arch: ArchConfig, seq_len: int, mode: str) -> float:
     """MaxText's convention: 6 x matmul params (embedding lookup out, LM head in) + causal
     attention 6 x S x heads x head_dim x layers. LoRA counts what is computed: the frozen
     weights get no weight gradient, so 4 x params (forward + activation gradients)."""
-    from sjax.bench import matmul_params
-
     n = matmul_params(arch)
     attn = 6 * seq_len * arch.n_heads * arch.head_dim * arch.n_layers
     return (6 if mode == "full" else 4) * n + attn
@@ -234,9 +232,9 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
     peak, peak_source = device_peak()
     history, last_good = [], start
     micro_sh = sharding.batch_sharding(mesh, 3, axis=1)
-    if cfg.batch_size % _batch_shards(mesh):
+    if cfg.batch_size % sharding.batch_shards(mesh):
         raise SjaxError(f"train.batch_size={cfg.batch_size} is not divisible by the mesh's "
-                        f"data x fsdp = {_batch_shards(mesh)}")
+                        f"data x fsdp = {sharding.batch_shards(mesh)}")
 
     def micro_batches(step):
         epoch, k = divmod(step, steps_per_epoch)
@@ -282,7 +280,3 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
         tb.close()
     return {"state": state, "frozen": frozen, "history": history, "total_steps": total,
             "peak_flops": peak, "peak_source": peak_source}
-
-
-def _batch_shards(mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))

@@ -128,6 +128,14 @@ def init_params(arch: ArchConfig, key: jax.Array, param_dtype=jnp.float32) -> Pa
     return jax.tree.unflatten(treedef, leaves)
 
 
+def matmul_params(arch: ArchConfig) -> int:
+    """Parameters that take part in matmuls per token (LM head in, embedding lookup out):
+    the N of the 2N (forward) / 6N (training) FLOPs-per-token conventions."""
+    d, n, k, h, f = arch.d_model, arch.n_heads, arch.n_kv_heads, arch.head_dim, arch.d_ff
+    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+    return arch.n_layers * per_layer + d * arch.vocab_size
+
+
 # ----------------------------------------------------------------------------- forward
 
 
