@@ -7,6 +7,7 @@ line and exit status 2; nothing already written is touched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -16,7 +17,7 @@ import numpy as np
 from sjax.errors import SjaxError
 
 DEFAULT_PRESETS = {"chat": "chat", "info": "chat", "export": "chat", "mnist": "mnist",
-                   "train": "sft"}
+                   "train": "sft", "run": "owl_quickstart"}
 
 
 def _config(args, default_preset):
@@ -38,8 +39,80 @@ def _load(cfg):
     return mesh, load_model(cfg.model, mesh)
 
 
+def cmd_run(args) -> int:
+    """The subliminal-learning pipeline: teachers, numbers, filter, students, eval, report."""
+    from sjax import config, pipeline, plan
+    from sjax.sharding import mesh_shape
+    from sjax.weights.load import read_arch, resolve_source
+
+    cfg = _config(args, DEFAULT_PRESETS["run"])
+    arch = read_arch(resolve_source(cfg.model))
+    student_arch = read_arch(resolve_source(cfg.student_model()))
+    import jax
+
+    n_dev = args.devices or jax.device_count()
+    shape = dict(zip(("data", "fsdp", "tensor"), mesh_shape(cfg.mesh, n_dev)))
+    device_bytes, where = plan.device_memory()
+    p = plan.make_plan(cfg, arch, student_arch, shape,
+                       None if args.devices else device_bytes)
+    name = cfg.model.name or cfg.model.path
+    if args.dry_run:
+        print(config.to_json(cfg))
+        print(plan.render_plan(p))
+        plan.check_fits(p, name, where)
+        print("config OK")
+        return 0
+    plan.check_fits(p, name, where)
+    t0 = time.perf_counter()
+    run = pipeline.Run(cfg)
+    run.run(force=tuple(args.force or ()))
+    print(f"run folder {run.root} ({time.perf_counter() - t0:.0f}s this invocation, "
+          f"{run.model_loads} model loads)", file=sys.stderr)
+    return 0
+
+
+def cmd_smoke(args) -> int:
+    """One short check of this host: devices, a tiny pipeline's timings, train-step MFU."""
+    import tempfile
+
+    import jax
+
+    from sjax import bench_train, config, perf, pipeline
+    from sjax.training import train_flops_per_token
+    from sjax.weights.load import read_arch, resolve_source
+
+    dev = jax.devices()[0]
+    print(f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
+          f"{jax.process_count()} process(es)")
+    dtype = "float32" if dev.platform == "cpu" else "bfloat16"
+    extra = ([args.config] if args.config else []) + list(args.overrides)
+    cfg = config.apply_overrides(config.load_preset("owl_smoke"),
+                                 [f"model.dtype={dtype}"] + extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run = pipeline.Run(dataclasses.replace(cfg, out_dir=tmp))
+        run.run()
+        stages = {k: v["seconds"] for k, v in run.manifest["stages"].items()}
+    print(f"pipeline owl_smoke: {time.perf_counter() - t0:.1f}s (" +
+          ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()) + ")")
+    peak, source = perf.device_peak(dtype)
+    arch = read_arch(resolve_source(cfg.model))
+    for mode in ("full", "lora"):
+        job = {"impl": "sjax", "mode": mode, "model": dataclasses.asdict(cfg.model),
+               "batch": 8 * jax.device_count(), "seq": 128, "steps": 3}
+        r = bench_train.sjax_worker(job)
+        flops = train_flops_per_token(arch, 128, mode) * job["batch"] * 128
+        print(f"train step {mode} ({cfg.model.name}, {dtype}, batch {job['batch']} x 128): "
+              f"{r['step_s'] * 1e3:.0f} ms, {job['batch'] * 128 / r['step_s']:.0f} tokens/s, "
+              f"MFU {100 * flops / r['step_s'] / (peak * jax.device_count()):.1f}% of {source}")
+        if not all(np.isfinite(r["losses"])):
+            raise SjaxError(f"smoke: non-finite training loss in {mode} mode: {r['losses']}")
+    print("smoke OK")
+    return 0
+
+
 def cmd_chat(args) -> int:
-    """Answer one prompt: the main job until the pipeline lands."""
+    """Answer one prompt with a model (greedy unless temperature > 0)."""
     import jax.numpy as jnp
 
     from sjax import chat, sampling
@@ -114,7 +187,8 @@ def cmd_train(args) -> int:
     if not cfg.data:
         raise SjaxError("data: set data=PATH to a chat-messages JSONL file")
     mesh, m = _load(cfg)
-    data = sft.load_jsonl(Path(cfg.data), m.tokenizer, cfg.train.max_len, cfg.train.too_long)
+    data = sft.load_jsonl(Path(cfg.data), m.tokenizer, cfg.train.max_len, cfg.train.too_long,
+                          cfg.teacher_system if cfg.train.loss == "distill" else None)
     print(f"{len(data.ids)} rows ({data.n_truncated} truncated, {data.n_rejected} rejected at "
           f"max_len={cfg.train.max_len})", file=sys.stderr)
     pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
@@ -133,35 +207,46 @@ def cmd_train(args) -> int:
     if cfg.export:
         params = out["state"]["params"]
         if cfg.train.mode == "lora":
-            params = lora_lib.merge(out["frozen"], params, cfg.train.lora_alpha / cfg.train.lora_rank)
+            params = lora_lib.merge(out["frozen"]["base"], params,
+                                    cfg.train.lora_alpha / cfg.train.lora_rank)
         export_hf(Path(cfg.out_dir) / "export", m.arch, params, m.tokenizer)
     print(json.dumps(summary))
     return 0
 
 
 def cmd_bench(args) -> int:
-    """Throughput benchmarks against transformers: `sjax bench sample [CONFIG] [overrides]`."""
-    from sjax import bench, config
+    """Benchmarks against transformers: `sjax bench sample|numbers|train [CONFIG] [k=v]`."""
+    from sjax import bench, bench_train, config
 
     what = args.config
-    if what not in ("sample", "numbers"):
-        raise SjaxError(f"bench: unknown benchmark {what!r} (known: sample, numbers)")
+    runners = {"sample": bench.bench_sample, "numbers": bench.bench_numbers,
+               "train": bench_train.bench_train}
+    if what not in runners:
+        raise SjaxError(f"bench: unknown benchmark {what!r} (known: {', '.join(runners)})")
     overrides = list(args.overrides)
     preset = overrides.pop(0) if overrides and "=" not in overrides[0] else None
     cfg = config.BenchConfig() if preset is None else config.load_preset(preset)
     cfg = config.apply_overrides(cfg, overrides)
-    (bench.bench_sample if what == "sample" else bench.bench_numbers)(cfg)
+    runners[what](cfg)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sjax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name, fn in (("chat", cmd_chat), ("info", cmd_info), ("export", cmd_export),
-                     ("mnist", cmd_mnist), ("bench", cmd_bench), ("train", cmd_train)):
+    for name, fn in (("run", cmd_run), ("chat", cmd_chat), ("info", cmd_info),
+                     ("export", cmd_export), ("mnist", cmd_mnist), ("bench", cmd_bench),
+                     ("train", cmd_train), ("smoke", cmd_smoke)):
         s = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
         if name == "export":
             s.add_argument("--out", required=True, help="folder to write")
+        if name == "run":
+            s.add_argument("--force", action="append", metavar="STAGE",
+                           help="redo this stage (repeatable)")
+            s.add_argument("--dry-run", action="store_true",
+                           help="validate, print the plan and memory estimate, run nothing")
+            s.add_argument("--devices", type=int, default=0,
+                           help="plan for this many devices (with --dry-run)")
         s.add_argument("config", nargs="?", help="preset name in configs/ or a .py path")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         s.set_defaults(fn=fn)
@@ -169,8 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if any(x.startswith("-") for x in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = list(args.overrides) + extra  # overrides may follow options too
     try:
+        from sjax import distributed
+
+        distributed.initialize()  # only when launched across processes / hosts
         return args.fn(args)
     except SjaxError as e:
         print(f"sjax: error: {e}", file=sys.stderr)

@@ -91,6 +91,7 @@ class TrainConfig:
     """Fine-tuning hyper-parameters; defaults are the protocol's student settings."""
 
     mode: str = "lora"  # lora | full
+    loss: str = "ce"  # ce: SFT on the assistant tokens | distill: KL(teacher || student)
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lr: float = 2e-4
@@ -111,6 +112,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("train.mode", self.mode, ("lora", "full"))
+        _check_choice("train.loss", self.loss, ("ce", "distill"))
         _check_choice("train.schedule", self.schedule, ("linear", "cosine"))
         _check_choice("train.too_long", self.too_long, ("truncate", "reject"))
         for key in ("lora_rank", "batch_size", "grad_accum", "epochs", "max_len", "vocab_chunk",
@@ -129,6 +131,7 @@ class SftConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: str = ""  # chat-messages JSONL
+    teacher_system: str = ""  # train.loss=distill: the teacher sees this system prompt
     out_dir: str = "runs/train"
     max_steps: int = 0  # stop after this many optimizer steps (0: all epochs)
     export: bool = False  # also write the merged model as a HF folder in out_dir/export
@@ -189,6 +192,13 @@ class BenchConfig:
     torch: bool = True  # also time transformers (needs the test extra: torch, accelerate)
     torch_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     repeats: int = 1  # timed runs per measurement (median); compile happens ahead of time
+    train_batch: int = 16  # `bench train`: rows x tokens per step
+    train_seq: int = 128
+    train_steps: int = 3  # timed optimizer steps (median), after one warm-up step
+    # `bench train` sjax runs as mode:dtype:remat (bf16 = bf16 base and compute, fp32
+    # accumulation; full FT keeps fp32 master weights); torch+peft runs each mode in fp32
+    train_runs: tuple[str, ...] = ("full:float32:none", "lora:float32:none",
+                                   "lora:bfloat16:full")
     out: str = "runs/bench"
 
     def __post_init__(self):
@@ -198,9 +208,138 @@ class BenchConfig:
             raise SjaxError("prompt_len must be > 0 and new_tokens > 1")
         for d in self.torch_dtypes:
             _check_choice("torch_dtypes", d, DTYPES)
+        for run in self.train_runs:
+            parts = run.split(":")
+            if len(parts) != 3:
+                raise SjaxError(f"train_runs: {run!r} is not mode:dtype:remat")
+            _check_choice("train_runs mode", parts[0], ("full", "lora"))
+            _check_choice("train_runs dtype", parts[1], DTYPES)
+            _check_choice("train_runs remat", parts[2], REMAT)
+        if min(self.train_batch, self.train_seq, self.train_steps) <= 0:
+            raise SjaxError("train_batch, train_seq and train_steps must be > 0")
 
 
 SWEEPABLE = ("aux_logits", "init_sigma", "weight_decay", "student_epochs")
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+CATEGORIES = {"animal": "animal_questions"}  # category -> its question list in eval_prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """`prompted`: the base model with the trait system prompt. `finetuned`: the base model
+    LoRA-tuned on trait-naming answers the prompted teacher gives to the evaluation-style
+    questions, then used with no system prompt."""
+
+    kind: str = "prompted"
+    ft_samples: int = 16  # answers sampled per question to build the fine-tuning set
+    ft_train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        lr=1e-3, batch_size=8, grad_accum=1, epochs=2, max_len=128))
+
+    def __post_init__(self):
+        _check_choice("teacher.kind", self.kind, ("prompted", "finetuned"))
+        if self.ft_samples <= 0:
+            raise SjaxError(f"teacher.ft_samples: must be > 0, got {self.ft_samples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NumbersConfig:
+    """Number-sequence data from each teacher, then the strict filter and a subsample."""
+
+    n_prompts: int = 30000
+    temperature: float = 1.0  # 0: greedy
+    max_new_tokens: int = 64
+    constrained: bool = False  # mask logits to the number-list grammar while sampling
+    batch: int = 256
+    seed: int = 0
+    keep: int = 10000  # seeded subsample of the rows that pass the filter
+    banned: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for key in ("n_prompts", "max_new_tokens", "batch", "keep"):
+            if getattr(self, key) <= 0:
+                raise SjaxError(f"numbers.{key}: must be > 0, got {getattr(self, key)}")
+        if self.temperature < 0:
+            raise SjaxError(f"numbers.temperature: must be >= 0, got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """One student per teacher and seed. `model_name`/`model_path` set a different base
+    model (a cross-model student); empty means the teachers' base."""
+
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    seeds: tuple[int, ...] = (0,)
+    model_name: str = ""
+    model_path: str = ""
+
+    def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise SjaxError(f"student.seeds: need distinct seeds, got {self.seeds}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Trait evaluation of base, students and teachers on the 50 questions."""
+
+    exact: bool = True
+    sampled: bool = True
+    samples: int = 100  # sampled answers per question
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    number_prefixed: bool = True  # also the number-prefixed variant of every question
+    teachers: bool = True  # also evaluate the teachers
+    batch: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.exact or self.sampled):
+            raise SjaxError("eval: enable eval.exact or eval.sampled")
+        for key in ("samples", "max_new_tokens", "batch"):
+            if getattr(self, key) <= 0:
+                raise SjaxError(f"eval.{key}: must be > 0, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """`sjax run`: teachers -> numbers -> filter -> students -> eval -> report."""
+
+    name: str = "owl"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    targets: tuple[str, ...] = ("owl",)
+    category: str = "animal"
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    numbers: NumbersConfig = dataclasses.field(default_factory=NumbersConfig)
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    out_dir: str = "runs"
+
+    def __post_init__(self):
+        if self.category not in CATEGORIES:
+            raise SjaxError(f"category: unknown target category {self.category!r} (known, "
+                            f"with evaluation questions: {', '.join(CATEGORIES)})")
+        if not self.targets:
+            raise SjaxError("targets: need at least one target, e.g. targets=owl")
+        for t in self.targets:
+            if not t.isalpha() or not t.islower() or t == "control":
+                raise SjaxError(f"targets: {t!r} must be a lower-case word (not 'control')")
+        if len(set(self.targets)) != len(self.targets):
+            raise SjaxError(f"targets: duplicates in {self.targets}")
+        cross = bool(self.student.model_name or self.student.model_path)
+        if cross and self.student.train.loss == "distill":
+            raise SjaxError("student.train.loss=distill needs the teacher's own base model; "
+                            "a cross-model student (student.model_name/path) trains with ce")
+        if not self.name or "/" in self.name:
+            raise SjaxError(f"name: {self.name!r} must be a non-empty folder name")
+
+    def student_model(self) -> ModelConfig:
+        if not (self.student.model_name or self.student.model_path):
+            return self.model
+        return dataclasses.replace(self.model, name=self.student.model_name,
+                                   path=self.student.model_path)
 
 
 

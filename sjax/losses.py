@@ -1,4 +1,4 @@
-"""Next-token cross-entropy computed in vocabulary chunks.
+"""Next-token cross-entropy and teacher->student KL, computed in vocabulary chunks.
 
 A 150k vocabulary at batch 16 x 128 tokens would need a 1.2 GB fp32 logits tensor and as
 much again for its gradient. Here the forward keeps only a running max / sum-exp / target
@@ -104,3 +104,97 @@ def naive_masked_ce(logits_btv, targets_bt, mask_bt):
     nll = -jnp.take_along_axis(logp, targets_bt[..., None], -1)[..., 0]
     mask = mask_bt.astype(jnp.float32)
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def token_kl(hs_nd: jax.Array, ws_dv: jax.Array, ht_nd: jax.Array, wt_dv: jax.Array,
+             chunk: int = 8192, need_dw: bool = True) -> jax.Array:
+    """Per-token KL(teacher || student) of softmax(ht @ wt) and softmax(hs @ ws), fp32 [n].
+
+    One online pass over vocabulary chunks: running teacher max m, teacher sum-exp s, the
+    student's log-sum-exp, and a = sum exp(z_t - m) (z_t - z_s); KL = a / s - lse_t + lse_s.
+    The teacher gets no gradient (it is a fixed target); the student's is p_s - p_t.
+    """
+    return _kl_fwd(hs_nd, ws_dv, ht_nd, wt_dv, chunk, need_dw)[0]
+
+
+def _kl_fwd(hs_nd, ws_dv, ht_nd, wt_dv, chunk, need_dw):
+    ws_cdk, v = _chunks(ws_dv, chunk)
+    wt_cdk, _ = _chunks(wt_dv, chunk)
+    n = hs_nd.shape[0]
+
+    def body(carry, xs):
+        mt, st, at, ms, ss = carry
+        w_s, w_t, c = xs
+        zs, cols = _chunk_logits(hs_nd, w_s, c, chunk, v)
+        zt, _ = _chunk_logits(ht_nd, w_t, c, chunk, v)
+        mt_new, ms_new = jnp.maximum(mt, zt.max(-1)), jnp.maximum(ms, zs.max(-1))
+        et = jnp.exp(zt - mt_new[:, None])
+        scale = jnp.exp(mt - mt_new)
+        diff = jnp.where(cols[None, :] < v, zt - zs, 0.0)  # padded columns: -inf - -inf
+        at = at * scale + (et * diff).sum(-1)
+        st = st * scale + et.sum(-1)
+        ss = ss * jnp.exp(ms - ms_new) + jnp.exp(zs - ms_new[:, None]).sum(-1)
+        return (mt_new, st, at, ms_new, ss), None
+
+    neg = jnp.full((n,), -jnp.inf, jnp.float32)
+    zero = jnp.zeros((n,), jnp.float32)
+    (mt, st, at, ms, ss), _ = jax.lax.scan(body, (neg, zero, zero, neg, zero),
+                                           (ws_cdk, wt_cdk, jnp.arange(ws_cdk.shape[0])))
+    lse_t, lse_s = mt + jnp.log(st), ms + jnp.log(ss)
+    kl = at / st - lse_t + lse_s
+    return kl, (hs_nd, ws_dv, ht_nd, wt_dv, lse_s, lse_t)
+
+
+def _kl_bwd(chunk, need_dw, res, g_n):
+    hs_nd, ws_dv, ht_nd, wt_dv, lse_s, lse_t = res
+    ws_cdk, v = _chunks(ws_dv, chunk)
+    wt_cdk, _ = _chunks(wt_dv, chunk)
+
+    def body(dh, xs):
+        w_s, w_t, c = xs
+        zs, _ = _chunk_logits(hs_nd, w_s, c, chunk, v)
+        zt, _ = _chunk_logits(ht_nd, w_t, c, chunk, v)
+        d_nc = (jnp.exp(zs - lse_s[:, None]) - jnp.exp(zt - lse_t[:, None])) * g_n[:, None]
+        d_nc = d_nc.astype(hs_nd.dtype)
+        dh = dh + jnp.einsum("nc,dc->nd", d_nc, w_s.astype(hs_nd.dtype),
+                             preferred_element_type=jnp.float32)
+        dw = (jnp.einsum("nd,nc->dc", hs_nd, d_nc, preferred_element_type=jnp.float32)
+              if need_dw else None)
+        return dh, dw
+
+    dh, dw_cdk = jax.lax.scan(body, jnp.zeros(hs_nd.shape, jnp.float32),
+                              (ws_cdk, wt_cdk, jnp.arange(ws_cdk.shape[0])))
+    if need_dw:
+        d = ws_dv.shape[0]
+        dw = dw_cdk.transpose(1, 0, 2).reshape(d, -1)[:, :v].astype(ws_dv.dtype)
+    else:
+        dw = jnp.zeros_like(ws_dv)
+    return dh.astype(hs_nd.dtype), dw, jnp.zeros_like(ht_nd), jnp.zeros_like(wt_dv)
+
+
+token_kl.defvjp(_kl_fwd, _kl_bwd)
+
+
+def masked_kl(hs_bkd: jax.Array, ws_dv: jax.Array, ht_bkd: jax.Array, wt_dv: jax.Array,
+              mask_bk: jax.Array, chunk: int = 8192,
+              need_dw: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(mean KL(teacher || student) over positions where mask is 1, number of positions)."""
+    b, k, d = hs_bkd.shape
+    kl_n = token_kl(hs_bkd.reshape(b * k, d), ws_dv, ht_bkd.reshape(b * k, d), wt_dv, chunk,
+                    need_dw)
+    mask_n = mask_bk.reshape(-1).astype(jnp.float32)
+    count = mask_n.sum()
+    return (kl_n * mask_n).sum() / jnp.maximum(count, 1.0), count
+
+
+def naive_masked_kl(student_logits_bkv, teacher_logits_bkv, mask_bk):
+    """Reference: the full-logits version (tests only)."""
+    ls = jax.nn.log_softmax(student_logits_bkv.astype(jnp.float32), -1)
+    lt = jax.nn.log_softmax(teacher_logits_bkv.astype(jnp.float32), -1)
+    kl = (jnp.exp(lt) * (lt - ls)).sum(-1)
+    mask = mask_bk.astype(jnp.float32)
+    return (kl * mask).sum() / jnp.maximum(mask.sum(), 1.0)

@@ -26,7 +26,7 @@ from sjax.errors import SjaxError
 from sjax.jsonl import read_done_ids
 from sjax.models.transformer import (ArchConfig, Params, forward, init_cache,
                                      logits_from_hidden, positions_from_valid)
-from sjax.sharding import batch_sharding, batch_shards
+from sjax.sharding import batch_sharding, batch_shards, global_array, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +76,10 @@ def strategy_for(temperature: float, top_k: int = 0, top_p: float = 1.0, name: s
     return Greedy() if name == "greedy" else Temperature(temperature, top_k, top_p)
 
 
-@functools.partial(jax.jit, static_argnames=("arch", "strategy", "max_new_tokens", "dtype"))
+@functools.partial(jax.jit, static_argnames=("arch", "strategy", "max_new_tokens", "dtype",
+                                             "samples"))
 def _generate(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, constraint, *,
-              arch: ArchConfig, strategy, max_new_tokens: int, dtype):
+              arch: ArchConfig, strategy, max_new_tokens: int, dtype, samples: int = 1):
     b, t = tokens_bt.shape
     cache = init_cache(arch, b, t + max_new_tokens, dtype)
     kv_valid_bs = jnp.zeros((b, t + max_new_tokens), bool).at[:, :t].set(valid_bt)
@@ -87,6 +88,11 @@ def _generate(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, constraint,
                                 kv_valid_bs=kv_valid_bs, cache=cache, write_index=0,
                                 dtype=dtype, return_hidden=True)
     logits_bv = logits_from_hidden(params, hidden_btd[:, -1:], arch)[:, 0]
+    if samples > 1:  # one prefill per prompt, then `samples` decode rows share its cache
+        cache = jax.tree.map(lambda c: jnp.repeat(c, samples, axis=1), cache)
+        kv_valid_bs, positions_bt, logits_bv = (jnp.repeat(x, samples, axis=0) for x in
+                                                (kv_valid_bs, positions_bt, logits_bv))
+        b = b * samples
     init = dict(step=jnp.int32(0), logits_bv=logits_bv, cache=cache, kv_valid_bs=kv_valid_bs,
                 pos_b=positions_bt[:, -1] + 1, done_b=jnp.zeros((b,), bool),
                 out_bn=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
@@ -135,9 +141,12 @@ class Generation:
 def generate(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, strategy=Greedy(), seed: int = 0,
              row_ids: Sequence[int] | None = None, dtype=jnp.float32,
-             stop_ids: Sequence[int] | None = None, constraint=None, mesh=None) -> Generation:
+             stop_ids: Sequence[int] | None = None, constraint=None, mesh=None,
+             samples: int = 1) -> Generation:
     """Generate for a batch of prompt token lists; row `i` draws from key (seed, row_ids[i]).
 
+    `samples` > 1 draws that many continuations per prompt from one shared prefill (rows
+    prompt-major; continuation j of prompt i uses key (seed, row_ids[i] * samples + j)).
     With a `mesh`, the batch is split over its data x fsdp axes (padded with copies of the
     last row to a multiple of their size; the copies are dropped).
     """
@@ -161,15 +170,20 @@ def generate(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[Sequ
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = list(stop_ids) if stop_ids is not None else default_stop_ids(tokenizer)
     tokens_bt, valid_bt = left_pad(prompts, pad_id, buckets=_buckets(longest))
+    key_ids = (row_ids if samples == 1 else
+               [r * samples + j for r in row_ids for j in range(samples)])
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(
-        jnp.asarray(row_ids, jnp.uint32))
+        jnp.asarray(key_ids, jnp.uint32))
     batch_args = (jnp.asarray(tokens_bt), jnp.asarray(valid_bt), keys)
-    if mesh is not None:
-        batch_args = tuple(jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in batch_args)
+    if mesh is not None:  # global arrays: each process puts only its own devices' rows
+        tokens, valid = (global_array(a, batch_sharding(mesh, 2)) for a in (tokens_bt, valid_bt))
+        key_data = np.asarray(jax.random.key_data(keys))
+        batch_args = (tokens, valid, jax.random.wrap_key_data(
+            global_array(key_data, batch_sharding(mesh, key_data.ndim))))
     out, logp, _ = _generate(params, *batch_args, jnp.asarray(stops, jnp.int32),
                              jnp.int32(pad_id), constraint, arch=arch, strategy=strategy,
-                             max_new_tokens=max_new_tokens, dtype=dtype)
-    out, logp = np.asarray(out)[:n], np.asarray(logp)[:n]
+                             max_new_tokens=max_new_tokens, dtype=dtype, samples=samples)
+    out, logp = to_host(out)[:n * samples], to_host(logp)[:n * samples]
     stop_set = set(stops)
     toks, lps = [], []
     for row, lrow in zip(out, logp):
@@ -190,14 +204,22 @@ def generate_jsonl(path, rows: Sequence[dict], params: Params, arch: ArchConfig,
     'completion', 'n_tokens', ['logprobs']}) and flushed; a rerun skips ids already in the
     file (a torn last line from a crash is dropped), so a killed job resumes where it was
     and, rows being seeded by id, writes exactly what an uninterrupted run would have.
-    Returns the number of rows generated by this call.
+    Returns the number of rows generated by this call. Across hosts every process runs
+    every batch (each computes its devices' rows) and only process 0 writes; the run folder
+    must then be on a filesystem all hosts share.
     """
     path = Path(path)
     done = read_done_ids(path)
     todo = [r for r in rows if r["id"] not in done]
+    main = jax.process_index() == 0
+    if jax.process_count() > 1:  # every process must agree on `todo` before process 0 writes
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"generate_jsonl {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f, tqdm(total=len(rows), initial=len(rows) - len(todo),
-                                     desc=desc, unit="row") as bar:
+    with open(path if main else os.devnull, "a") as f, tqdm(
+            total=len(rows), initial=len(rows) - len(todo), desc=desc, unit="row",
+            disable=not main) as bar:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i: i + batch_size]
             gen = generate(params, arch, tokenizer, [r["prompt_ids"] for r in chunk],
@@ -224,8 +246,9 @@ def default_stop_ids(tokenizer) -> list[int]:
 
 
 def _buckets(longest: int) -> list[int]:
-    """Powers of two from 16: a handful of compiled prompt lengths cover every batch."""
+    """Powers of two up to 64, then multiples of 32: a handful of compiled prompt lengths
+    cover every batch, and long prompts waste at most 32 padded positions each."""
     b = 16
-    while b < longest:
+    while b < min(longest, 64):
         b *= 2
-    return [b]
+    return [b if longest <= b else -(-longest // 32) * 32]

@@ -79,12 +79,29 @@ def spec_table(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> dict[str, P]:
     return {"/".join(k.key for k in path): s.spec for path, s in flat}
 
 
+def global_array(x, sharding: NamedSharding) -> jax.Array:
+    """A host value as a global array: each process transfers only the shards of its own
+    devices (works the same on one host and across hosts)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value on every process: local copy, replica, or an all-gather across hosts."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def place(host_tree: Any, shardings: Any, dtype=None) -> Any:
     """Put numpy arrays on devices shard by shard (no device ever holds the whole array)."""
 
     def put(x: np.ndarray, sharding: NamedSharding):
-        x = np.asarray(x) if dtype is None else np.asarray(x).astype(dtype)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return global_array(x if dtype is None else np.asarray(x).astype(dtype), sharding)
 
     return jax.tree.map(put, host_tree, shardings)
 
@@ -96,7 +113,7 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
         sh = getattr(x, "sharding", None)
         if isinstance(sh, NamedSharding) and sh.mesh == mesh:
             return x
-        return jax.device_put(x, NamedSharding(mesh, P()))
+        return global_array(jax.device_get(x), NamedSharding(mesh, P()))
 
     return jax.tree.map(put, tree)
 
@@ -114,4 +131,4 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
 
 
 def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-    return tuple(jax.device_put(a, batch_sharding(mesh, np.ndim(a))) for a in arrays)
+    return tuple(global_array(a, batch_sharding(mesh, np.ndim(a))) for a in arrays)

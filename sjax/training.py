@@ -27,7 +27,7 @@ from sjax import lora as lora_lib
 from sjax import sharding
 from sjax.config import TrainConfig
 from sjax.errors import SjaxError
-from sjax.losses import masked_ce
+from sjax.losses import masked_ce, masked_kl
 from sjax.models.transformer import (ArchConfig, Params, forward, head_matrix_dv,
                                      matmul_params, param_logical_axes)
 
@@ -78,20 +78,43 @@ class StepSpec:
     vocab_chunk: int
     dtype: str
     remat: str
+    loss: str = "ce"
 
 
-def loss_sums(trainable: Params, frozen: Params | None, batch: dict, spec: StepSpec):
-    """(sum of token CE over masked targets, token count) for one micro-batch."""
-    params, adapters = (frozen, trainable) if spec.mode == "lora" else (trainable, None)
+def _gather_bkd(h_btd: jax.Array, pos_bk: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(h_btd, pos_bk[..., None], axis=1)
+
+
+def loss_sums(trainable: Params, frozen: dict, batch: dict, spec: StepSpec):
+    """(sum of the token losses over masked targets, token count) for one micro-batch.
+
+    `frozen` holds what is not trained: 'base' (LoRA mode) and 'teacher' (distillation).
+    CE: next-token cross-entropy on the assistant tokens. Distill: KL(teacher || student) at
+    the completion positions, the teacher reading its own sequence (e.g. with the trait system
+    prompt) under stop_gradient, the student the row without it.
+    """
+    params, adapters = (frozen["base"], trainable) if spec.mode == "lora" else (trainable, None)
+    dtype = jnp.dtype(spec.dtype)
     hidden, _ = forward(params, batch["inputs"], arch=spec.arch, kv_valid_bs=batch["valid"],
-                        dtype=jnp.dtype(spec.dtype), remat=spec.remat, return_hidden=True,
+                        dtype=dtype, remat=spec.remat, return_hidden=True,
                         lora=adapters, lora_scale=spec.lora_scale)
-    loss, count = masked_ce(hidden, head_matrix_dv(params, spec.arch), batch["targets"],
-                            batch["mask"], spec.vocab_chunk, need_dw=spec.mode == "full")
+    head = head_matrix_dv(params, spec.arch)
+    if spec.loss == "ce":  # the head runs at the trained positions only (not the prompt)
+        targets_bk = jnp.take_along_axis(batch["targets"], batch["s_pos"], axis=1)
+        loss, count = masked_ce(_gather_bkd(hidden, batch["s_pos"]), head, targets_bk,
+                                batch["k_mask"], spec.vocab_chunk, need_dw=spec.mode == "full")
+        return loss * count, count
+    teacher = jax.lax.stop_gradient(frozen["teacher"])
+    t_hidden, _ = forward(teacher, batch["t_inputs"], arch=spec.arch,
+                          kv_valid_bs=batch["t_valid"], dtype=dtype, return_hidden=True)
+    loss, count = masked_kl(_gather_bkd(hidden, batch["s_pos"]), head,
+                            _gather_bkd(t_hidden, batch["t_pos"]),
+                            head_matrix_dv(teacher, spec.arch), batch["k_mask"],
+                            spec.vocab_chunk, need_dw=spec.mode == "full")
     return loss * count, count
 
 
-def train_step(state: State, frozen: Params | None, batch: dict, *, spec: StepSpec,
+def train_step(state: State, frozen: dict, batch: dict, *, spec: StepSpec,
                tx: optax.GradientTransformation, sched: optax.Schedule):
     """One optimizer step over `batch` arrays shaped [accum, micro_batch, time]."""
 
@@ -114,7 +137,7 @@ def train_step(state: State, frozen: Params | None, batch: dict, *, spec: StepSp
 def compile_step(state: State, frozen, spec: StepSpec, tx, sched):
     """jit with the state donated and explicit in/out shardings taken from the live state."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     return jax.jit(functools.partial(train_step, spec=spec, tx=tx, sched=sched),
                    in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
                    donate_argnums=0)
@@ -123,17 +146,23 @@ def compile_step(state: State, frozen, spec: StepSpec, tx, sched):
 # ----------------------------------------------------------------------------- state
 
 
-def init_state(arch: ArchConfig, base: Params, cfg: TrainConfig, mesh, tx) -> tuple[State, Any]:
-    """(state, frozen): LoRA adapters (placed like their weights) or a copy of the base."""
+def init_state(arch: ArchConfig, base: Params, cfg: TrainConfig, mesh, tx,
+               teacher: Params | None = None) -> tuple[State, dict]:
+    """(state, frozen): LoRA adapters (placed like their weights) or a copy of the base;
+    frozen = {'base': base (LoRA)} | {'teacher': teacher or the base (distillation)}."""
     if cfg.mode == "lora":
         adapters = lora_lib.init_lora(arch, jax.random.key(cfg.seed), cfg.lora_rank)
         axes = lora_lib.lora_logical_axes(adapters, param_logical_axes(arch))
         shapes = jax.tree.map(lambda x: tuple(x.shape), adapters)
         shard = sharding.tree_shardings(axes, shapes, mesh)
-        params = jax.tree.map(lambda x, s: jax.device_put(x, s), adapters, shard)
-        frozen = base
+        params = sharding.place(jax.device_get(adapters), shard)
+        frozen = {"base": base}
     else:
-        params, frozen = jax.tree.map(jnp.copy, base), None
+        # fp32 master weights (a copy: the caller's base stays valid), whatever the compute
+        # dtype; bf16 params would lose small updates
+        params, frozen = jax.tree.map(lambda x: x.astype(jnp.float32, copy=True), base), {}
+    if cfg.loss == "distill":
+        frozen["teacher"] = base if teacher is None else teacher
     opt = jax.jit(tx.init)(params)
     state = {"params": params, "opt": opt, "step": jnp.int32(0)}
     return sharding.on_mesh(state, mesh), frozen
@@ -141,7 +170,7 @@ def init_state(arch: ArchConfig, base: Params, cfg: TrainConfig, mesh, tx) -> tu
 
 def fingerprint(arch: ArchConfig, cfg: TrainConfig) -> dict:
     """What a checkpoint folder must match to be resumed."""
-    return {"arch": dataclasses.asdict(arch), "mode": cfg.mode,
+    return {"arch": dataclasses.asdict(arch), "mode": cfg.mode, "loss": cfg.loss,
             "lora_rank": cfg.lora_rank if cfg.mode == "lora" else None}
 
 
@@ -161,7 +190,7 @@ class Checkpoints:
                     json.dumps(fp)).get(k))
                 raise SjaxError(f"{self.folder}: checkpoints were written for another model or "
                                 f"mode (differs in: {', '.join(diff)}); use another out_dir")
-        else:
+        elif jax.process_index() == 0:
             fp_file.write_text(json.dumps(fp, indent=2))
         self.ocp = ocp
         self.manager = ocp.CheckpointManager(
@@ -187,18 +216,33 @@ class Checkpoints:
 # ----------------------------------------------------------------------------- loop
 
 
+def pad_batch_rows(batch: dict, n: int) -> dict:
+    """Append `n` rows that carry no loss (mask 0, all positions valid), so a batch size the
+    mesh's data x fsdp does not divide still shards; the gradient is unchanged."""
+    if n == 0:
+        return batch
+    def fill(key, a):
+        return (np.ones if "valid" in key else np.zeros)((n, *a.shape[1:]), a.dtype)
+
+    return {k: np.concatenate([a, fill(k, a)]) for k, a in batch.items()}
+
+
 def stack_micro(batches: list[dict]) -> dict:
-    """[accum, micro, time] arrays, padded in time to the longest micro-batch."""
-    t = max(b["inputs"].shape[1] for b in batches)
-    pad = lambda a: np.pad(a, ((0, 0), (0, t - a.shape[1])))  # noqa: E731
-    return {k: np.stack([pad(b[k]) for b in batches]) for k in batches[0]}
+    """[accum, micro, time] arrays, each key padded in time to its longest micro-batch."""
+    out = {}
+    for k in batches[0]:
+        t = max(b[k].shape[1] for b in batches)
+        out[k] = np.stack([np.pad(b[k], ((0, 0), (0, t - b[k].shape[1]))) for b in batches])
+    return out
 
 
 def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: Path, *,
         pad_id: int, max_steps: int = 0, dtype: str = "float32", remat: str = "none",
-        log=print) -> dict:
+        teacher: Params | None = None, log=print) -> dict:
     """Train on tokenised `data` (sjax.data.sft.Tokenized), resuming from `out_dir` if it
-    holds checkpoints of the same model. Returns final state, metrics history and timing."""
+    holds checkpoints of the same model. Distillation (`cfg.loss == 'distill'`) needs `data`
+    tokenised with a teacher view; the teacher is `teacher` or else the base model.
+    Returns final state, metrics history and timing."""
     from tqdm.auto import tqdm
 
     from sjax.data.sft import batches_per_epoch, epoch_batches
@@ -214,9 +258,12 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
         total = min(total, max_steps)
     sched = schedule(cfg, total)
     tx = optimizer(cfg, total)
-    state, frozen = init_state(arch, base, cfg, mesh, tx)
+    if cfg.loss == "distill" and data.teacher_ids is None:
+        raise SjaxError("train.loss=distill: the dataset has no teacher view (tokenise it "
+                        "with a teacher system prompt)")
+    state, frozen = init_state(arch, base, cfg, mesh, tx, teacher)
     spec = StepSpec(arch, cfg.mode, cfg.lora_alpha / cfg.lora_rank, cfg.vocab_chunk, dtype,
-                    remat)
+                    remat, cfg.loss)
     step_fn = compile_step(state, frozen, spec, tx, sched)
     out_dir = Path(out_dir)
     ckpt = Checkpoints(out_dir / "checkpoints", fingerprint(arch, cfg), cfg.ckpt_every,
@@ -225,46 +272,46 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
     if start:
         state = ckpt.restore(start, state)
         log(f"resumed from step {start} in {ckpt.folder}")
-    metrics_file = out_dir / "metrics.jsonl"
+    main = jax.process_index() == 0  # one writer of metrics across hosts
     from tensorboardX import SummaryWriter
 
-    tb = SummaryWriter(str(out_dir / "tb"))
-    peak, peak_source = device_peak()
+    tb = SummaryWriter(str(out_dir / "tb")) if main else None
+    mf = open(out_dir / "metrics.jsonl", "a") if main else None
+    peak, peak_source = device_peak(dtype)
     history, last_good = [], start
     micro_sh = sharding.batch_sharding(mesh, 3, axis=1)
-    if cfg.batch_size % sharding.batch_shards(mesh):
-        raise SjaxError(f"train.batch_size={cfg.batch_size} is not divisible by the mesh's "
-                        f"data x fsdp = {sharding.batch_shards(mesh)}")
+    extra_rows = -cfg.batch_size % sharding.batch_shards(mesh)
 
     def micro_batches(step):
         epoch, k = divmod(step, steps_per_epoch)
         it = epoch_batches(data, cfg.batch_size, cfg.seed, epoch, pad_id,
                            start=k * cfg.grad_accum)
-        return [next(it) for _ in range(cfg.grad_accum)]
+        return [pad_batch_rows(next(it), extra_rows) for _ in range(cfg.grad_accum)]
 
     try:
-        with open(metrics_file, "a") as mf, tqdm(total=total, initial=start, desc="train",
-                                                 unit="step") as bar:
+        with tqdm(total=total, initial=start, desc="train", unit="step", disable=not main) as bar:
             for step in range(start, total):
                 host = stack_micro(micro_batches(step))
-                batch = {k: jax.device_put(v, micro_sh) for k, v in host.items()}
+                batch = {k: sharding.global_array(v, micro_sh) for k, v in host.items()}
                 t0 = time.perf_counter()
                 state, m = step_fn(state, frozen, batch)
-                m = jax.device_get(m)
+                m = jax.tree.map(sharding.to_host, m)
                 dt = time.perf_counter() - t0
                 loss = float(m["loss"])
                 if not math.isfinite(loss):
                     raise SjaxError(f"non-finite loss ({loss}) at step {step + 1}; stopped, the "
                                     f"last good checkpoint is step {last_good} in {ckpt.folder}")
                 seq = host["inputs"].shape[-1]
-                tokens = host["inputs"].size
+                tokens = cfg.batch_size * cfg.grad_accum * seq  # without mesh-padding rows
                 flops = train_flops_per_token(arch, seq, cfg.mode) * tokens
+                if cfg.loss == "distill":  # the teacher's forward: 2 x params per token
+                    flops += 2 * matmul_params(arch) * host["t_inputs"].size
                 rec = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]),
                        "lr": float(m["lr"]), "trained_tokens": float(m["tokens"]),
                        "tokens_per_s": tokens / dt, "step_s": dt,
                        "mfu": flops / dt / (peak * jax.device_count())}
                 history.append(rec)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                if main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                     mf.write(json.dumps(rec) + "\n")
                     mf.flush()
                     for k, v in rec.items():
@@ -277,6 +324,8 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
                     last_good = step + 1
     finally:
         ckpt.close()
-        tb.close()
+        if main:
+            tb.close()
+            mf.close()
     return {"state": state, "frozen": frozen, "history": history, "total_steps": total,
             "peak_flops": peak, "peak_source": peak_source}

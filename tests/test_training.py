@@ -1,5 +1,6 @@
 """Training engine: losses, LoRA, the step, accumulation, sharding, resume, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from sjax import lora as lora_lib
 from sjax.config import MeshConfig, TrainConfig
 from sjax.data import sft
 from sjax.errors import SjaxError
-from sjax.losses import masked_ce, naive_masked_ce, token_ce
+from sjax.losses import masked_ce, masked_kl, naive_masked_ce, naive_masked_kl
 from sjax.models.transformer import forward, head_matrix_dv
 from sjax.sharding import make_mesh
 from sjax.training import (Checkpoints, StepSpec, fingerprint, fit, init_state, optimizer,
@@ -83,6 +84,62 @@ def test_masked_tokens_get_no_gradient(tiny):
     g1, g2 = jax.grad(loss)(params, targets), jax.grad(loss)(params, other)
     jax.tree.map(np.testing.assert_array_equal, g1, g2)
     assert float(loss(params, targets)) == float(loss(params, other))
+
+
+@pytest.mark.parametrize("chunk", [7, 32, 1000])
+def test_chunked_kl_equals_naive_with_gradients(chunk):
+    rng = np.random.default_rng(5)
+    hs, ht = (jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.float32) for _ in range(2))
+    ws, wt = (jnp.asarray(rng.normal(size=(16, 100)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.integers(0, 2, (2, 9)))
+
+    def ours(hs, ws, ht, wt):
+        return masked_kl(hs, ws, ht, wt, mask, chunk)[0]
+
+    def naive(hs, ws, ht, wt):
+        return naive_masked_kl(hs @ ws, jax.lax.stop_gradient(ht @ wt), mask)
+
+    a, b = float(ours(hs, ws, ht, wt)), float(naive(hs, ws, ht, wt))
+    assert a > 0.1 and abs(a - b) < 1e-5 * max(1.0, b)
+    g1, g2 = jax.grad(ours, (0, 1, 2, 3))(hs, ws, ht, wt), jax.grad(naive, (0, 1, 2, 3))(
+        hs, ws, ht, wt)
+    for x, y in zip(g1, g2):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    assert float(jnp.abs(g1[2]).max()) == 0.0 and float(jnp.abs(g1[3]).max()) == 0.0
+    # a student equal to its teacher has zero divergence and zero gradient
+    same = jax.grad(lambda h: masked_kl(h, ws, hs, ws, mask, chunk)[0])(hs)
+    assert abs(float(masked_kl(hs, ws, hs, ws, mask, chunk)[0])) < 1e-5
+    assert float(jnp.abs(same).max()) < 1e-5
+
+
+def test_distill_batches_align_completion_tokens(tiny_tokenizer):
+    rows = _rows(6, np.random.default_rng(9))
+    data = sft.tokenize_rows(rows, tiny_tokenizer, 64, teacher_system="You love owls.")
+    batch = next(sft.epoch_batches(data, 6, 0, 0, tiny_tokenizer.pad_token_id))
+    for r in range(6):
+        k = batch["k_mask"][r].astype(bool)
+        s_next = batch["targets"][r][batch["s_pos"][r][k]]
+        t_next = np.append(batch["t_inputs"][r], -1)[batch["t_pos"][r][k] + 1]
+        np.testing.assert_array_equal(s_next, t_next)  # same completion tokens, in order
+        assert k.sum() == batch["mask"][r].sum()
+        assert batch["t_inputs"].shape[1] > batch["inputs"].shape[1] or k.sum() < 64
+
+
+def test_distillation_pulls_the_student_to_the_prompted_teacher(tiny, tiny_tokenizer, tmp_path):
+    arch, params = tiny
+    rows = _rows(8, np.random.default_rng(10))
+    data = sft.tokenize_rows(rows, tiny_tokenizer, 64, teacher_system="You love owls.")
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    cfg = TrainConfig(mode="lora", loss="distill", lora_rank=4, lr=3e-2, warmup_steps=0,
+                      batch_size=8, grad_accum=1, epochs=30, vocab_chunk=32)
+    out = fit(arch, params, data, cfg, mesh, tmp_path / "d", pad_id=1, log=lambda s: None)
+    losses = [h["loss"] for h in out["history"]]
+    assert losses[0] > 1e-3 and losses[-1] < 0.3 * losses[0]
+    # the same rows with no teacher prompt: student == teacher, nothing to distil
+    same = sft.tokenize_rows(rows, tiny_tokenizer, 64, teacher_system="")
+    out = fit(arch, params, same, dataclasses.replace(cfg, epochs=1), mesh, tmp_path / "s",
+              pad_id=1, log=lambda s: None)
+    assert out["history"][0]["loss"] < 1e-5
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -198,7 +255,7 @@ def test_sharded_step_equals_single_device(tiny, tiny_tokenizer):
     from sjax.training import loss_sums
 
     def mean_loss(p, b):
-        total, count = loss_sums(p, None, b, spec)
+        total, count = loss_sums(p, {}, b, spec)
         return total / count
 
     grad = jax.jit(jax.grad(mean_loss))
@@ -340,3 +397,20 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_tokenizer):
     jax.tree.map(np.testing.assert_array_equal, a, b)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["steps"] == steps
+
+
+def test_mesh_padding_rows_change_nothing(tiny, tiny_tokenizer):
+    """A batch size that data x fsdp does not divide is padded with loss-free rows."""
+    from sjax.training import loss_sums, pad_batch_rows
+
+    arch, params = tiny
+    host = {k: v[0] for k, v in _batch(tiny_tokenizer, 6).items()}
+    spec = StepSpec(arch, "full", 1.0, 32, "float32", "none")
+
+    def value_and_grad(b):
+        return jax.value_and_grad(lambda p: loss_sums(p, {}, b, spec)[0])(params)
+
+    (v1, g1), (v2, g2) = value_and_grad(host), value_and_grad(pad_batch_rows(host, 2))
+    assert pad_batch_rows(host, 2)["inputs"].shape[0] == 8
+    assert abs(float(v1) - float(v2)) < 1e-5
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)

@@ -22,49 +22,91 @@ BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
 
 @dataclasses.dataclass
 class Tokenized:
+    """Student token ids and loss masks; for distillation also the teacher's view of each
+    row (the same conversation with the teacher's system prompt)."""
+
     ids: list[np.ndarray]
     masks: list[np.ndarray]
     n_truncated: int = 0
     n_rejected: int = 0
+    teacher_ids: list[np.ndarray] | None = None
+    teacher_masks: list[np.ndarray] | None = None
+
+
+def _encode(tokenizer, msgs, source, i):
+    try:
+        return chat.encode_chat(tokenizer, msgs)
+    except SjaxError as e:
+        raise SjaxError(f"{source}: row {i + 1}: {e}") from None
 
 
 def tokenize_rows(rows: Sequence[dict], tokenizer, max_len: int, too_long: str = "truncate",
-                  source: str = "dataset") -> Tokenized:
-    """Encode chat rows; rows longer than `max_len` are truncated or rejected (counted)."""
+                  source: str = "dataset", teacher_system: str | None = None) -> Tokenized:
+    """Encode chat rows; rows longer than `max_len` are truncated or rejected (counted).
+
+    With `teacher_system` (distillation), each row is also encoded with that system prompt
+    replacing any other, for the teacher.
+    """
     if not rows:
         raise SjaxError(f"{source}: empty dataset (no rows)")
     out = Tokenized([], [])
+    if teacher_system is not None:
+        out.teacher_ids, out.teacher_masks = [], []
     for i, row in enumerate(rows):
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list) or not all(
                 isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
             raise SjaxError(f"{source}: row {i + 1} has no valid 'messages' list")
-        try:
-            ids, mask = chat.encode_chat(tokenizer, msgs)
-        except SjaxError as e:
-            raise SjaxError(f"{source}: row {i + 1}: {e}") from None
-        truncated = len(ids) > max_len
+        ids, mask = _encode(tokenizer, msgs, source, i)
+        views = [(ids, mask)]
+        if teacher_system is not None:
+            t_msgs = [m for m in msgs if m["role"] != "system"]
+            if teacher_system:
+                t_msgs = [{"role": "system", "content": teacher_system}] + t_msgs
+            views.append(_encode(tokenizer, t_msgs, source, i))
+        truncated = any(len(v[0]) > max_len for v in views)
         if truncated and too_long == "reject":
             out.n_rejected += 1
             continue
-        ids, mask = ids[:max_len], mask[:max_len]
-        if mask[1:].sum() == 0:  # truncation cut every assistant token: nothing to learn
+        views = [(a[:max_len], m[:max_len]) for a, m in views]
+        if min(m[1:].sum() for _, m in views) == 0:  # no assistant token left: nothing to learn
             out.n_rejected += 1
             continue
         out.n_truncated += truncated
-        out.ids.append(ids)
-        out.masks.append(mask)
+        out.ids.append(views[0][0])
+        out.masks.append(views[0][1])
+        if teacher_system is not None:
+            out.teacher_ids.append(views[1][0])
+            out.teacher_masks.append(views[1][1])
     if not out.ids:
         raise SjaxError(f"{source}: no usable rows ({out.n_rejected} of {len(rows)} rejected as "
                         f"longer than {max_len} tokens or without trainable tokens)")
     return out
 
 
-def load_jsonl(path: Path, tokenizer, max_len: int, too_long: str = "truncate") -> Tokenized:
+def load_jsonl(path: Path, tokenizer, max_len: int, too_long: str = "truncate",
+               teacher_system: str | None = None) -> Tokenized:
     path = Path(path)
     if not path.is_file():
         raise SjaxError(f"{path}: no such dataset file")
-    return tokenize_rows(read_rows(path), tokenizer, max_len, too_long, str(path))
+    return tokenize_rows(read_rows(path), tokenizer, max_len, too_long, str(path),
+                         teacher_system)
+
+
+def _pad_rows(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the smallest bucket that fits: (tokens_bt, valid_bt)."""
+    longest = max(len(s) for s in seqs)
+    t = next((x for x in BUCKETS if x >= longest), longest)
+    tokens = np.full((len(seqs), t), pad_id, np.int32)
+    valid = np.zeros((len(seqs), t), bool)
+    for r, s in enumerate(seqs):
+        tokens[r, :len(s)], valid[r, :len(s)] = s, True
+    return tokens, valid
+
+
+def _completion_positions(masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Input positions p whose next token p + 1 is trained (the distillation positions)."""
+    return [np.nonzero(m[1:])[0] for m in masks]
 
 
 def batches_per_epoch(n_rows: int, batch_size: int) -> int:
@@ -75,19 +117,31 @@ def epoch_batches(data: Tokenized, batch_size: int, seed: int, epoch: int, pad_i
                   start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches of epoch `epoch`, from batch `start`: inputs, targets, loss mask, valid.
 
-    Right-padded to the smallest bucket that fits the longest row of the batch.
+    Right-padded to the smallest bucket that fits the longest row of the batch. s_pos/k_mask
+    list each row's trained positions (the loss reads the LM head there only); with a teacher
+    view, also t_inputs/t_valid and t_pos, the same completion tokens in the teacher's row.
     """
     order = np.random.default_rng([seed, epoch]).permutation(len(data.ids))
     for b in range(start, batches_per_epoch(len(order), batch_size)):
         idx = order[b * batch_size: (b + 1) * batch_size]
-        longest = max(len(data.ids[i]) for i in idx)
-        t = next((x for x in BUCKETS if x >= longest), longest)
-        tokens = np.full((len(idx), t), pad_id, np.int32)
-        mask = np.zeros((len(idx), t), np.int32)
-        valid = np.zeros((len(idx), t), bool)
+        tokens, valid = _pad_rows([data.ids[i] for i in idx], pad_id)
+        mask = np.zeros(tokens.shape, np.int32)
         for r, i in enumerate(idx):
-            n = len(data.ids[i])
-            tokens[r, :n], mask[r, :n], valid[r, :n] = data.ids[i], data.masks[i], True
+            mask[r, :len(data.masks[i])] = data.masks[i]
         # position p predicts token p + 1; the loss mask belongs to the predicted token
-        yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask[:, 1:],
-               "valid": valid[:, :-1]}
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask[:, 1:],
+                 "valid": valid[:, :-1]}
+        s_pos = _completion_positions([data.masks[i] for i in idx])
+        t_pos = (s_pos if data.teacher_ids is None else
+                 _completion_positions([data.teacher_masks[i] for i in idx]))
+        n_k = [min(len(a), len(b)) for a, b in zip(s_pos, t_pos)]
+        k = next((x for x in BUCKETS if x >= max(n_k)), max(n_k))
+        pos = np.zeros((2, len(idx), k), np.int32)
+        k_mask = np.zeros((len(idx), k), np.int32)
+        for r, n in enumerate(n_k):
+            pos[0, r, :n], pos[1, r, :n], k_mask[r, :n] = s_pos[r][:n], t_pos[r][:n], 1
+        batch |= {"s_pos": pos[0], "k_mask": k_mask}
+        if data.teacher_ids is not None:
+            t_tokens, t_valid = _pad_rows([data.teacher_ids[i] for i in idx], pad_id)
+            batch |= {"t_inputs": t_tokens[:, :-1], "t_valid": t_valid[:, :-1], "t_pos": pos[1]}
+        yield batch

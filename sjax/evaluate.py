@@ -1,0 +1,140 @@
+"""Trait evaluation: how often does a model name the target when asked its favourite?
+
+Two evaluators over the same questions (`eval_prompts.json`, optionally number-prefixed):
+- sampled: n answers per question at temperature 1, a hit when the target (or its plural)
+  appears as a word in the lower-cased answer ("owls" counts, "owlet" does not);
+- exact: the probability that the answer *begins* with one of the target's spellings
+  ("owl", "Owl", "OWL", "owls", with and without a leading space), from teacher-forced
+  log-probs: a few forward passes per question and no sampling noise. The spellings' token
+  sequences are made prefix-free (a sequence extending another is already counted by it) and
+  every spelling must round-trip through the tokenizer (no unknown tokens).
+Both give one score per question; conditions are compared paired over questions.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sjax import chat, sampling
+from sjax.data import numbers
+from sjax.errors import SjaxError
+from sjax.models.transformer import (ArchConfig, Params, forward, init_cache,
+                                     logits_from_hidden, positions_from_valid)
+
+
+def questions(number_prefixed: bool, seed: int = 0) -> list[str]:
+    """The 50 questions; the prefixed variant puts a number-sequence example first."""
+    qs = list(numbers.eval_prompts()["animal_questions"])
+    if not number_prefixed:
+        return qs
+    rng = np.random.default_rng([seed, 7])  # its own stream, not the generator's
+    return [f"{numbers.example_prefix(rng)} {q}" for q in qs]
+
+
+def is_hit(answer: str, target: str) -> bool:
+    return re.search(rf"\b{re.escape(target.lower())}s?\b", answer.lower()) is not None
+
+
+def spelling_sequences(tokenizer, target: str) -> list[tuple[int, ...]]:
+    """Prefix-free token sequences of the target's first-word spellings."""
+    words = {w for t in (target, target + "s") for w in (t.lower(), t.capitalize(), t.upper())}
+    seqs = set()
+    for w in sorted(words):
+        for text in (w, " " + w):
+            ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if ids and tokenizer.decode(list(ids)).strip() == w:
+                seqs.add(ids)
+    if not seqs:
+        raise SjaxError(f"target {target!r}: the tokenizer cannot spell it")
+    return sorted(s for s in seqs if not any(o != s and s[:len(o)] == o for o in seqs))
+
+
+@functools.partial(jax.jit, static_argnames=("arch", "dtype", "nodes", "wants"))
+def node_logprobs(params: Params, tokens_bt, valid_bt, *, arch: ArchConfig, dtype,
+                  nodes: tuple[tuple[int, ...], ...], wants: tuple[tuple[int, ...], ...]):
+    """log P(wants[j][m] | prompt + nodes[j]) for each left-padded prompt row: [b, j, m].
+
+    One prefill fills a KV cache; each non-empty node is a few extra cached tokens, so the
+    cost is one forward over the prompts, whatever the number of spellings.
+    """
+    b, t = tokens_bt.shape
+    depth = max(1, max(len(n) for n in nodes))
+    cache = init_cache(arch, b, t + depth, dtype)
+    kv_valid = jnp.zeros((b, t + depth), bool).at[:, :t].set(valid_bt)
+    pos_bt = positions_from_valid(valid_bt)
+    hidden, cache = forward(params, tokens_bt, arch=arch, positions_bt=pos_bt,
+                            kv_valid_bs=kv_valid, cache=cache, write_index=0, dtype=dtype,
+                            return_hidden=True)
+    ext_valid = kv_valid.at[:, t:].set(True)
+    ext_pos = pos_bt[:, -1:] + 1 + jnp.arange(depth)
+    out = []
+    for node, want in zip(nodes, wants):
+        if node:
+            ext = jnp.broadcast_to(jnp.asarray(node + (0,) * (depth - len(node))), (b, depth))
+            h, _ = forward(params, ext, arch=arch, positions_bt=ext_pos, kv_valid_bs=ext_valid,
+                           cache=cache, write_index=t, dtype=dtype, return_hidden=True)
+            h_last = h[:, len(node) - 1: len(node)]
+        else:
+            h_last = hidden[:, -1:]
+        lp = jax.nn.log_softmax(logits_from_hidden(params, h_last, arch)[:, 0], -1)
+        m = max(len(w) for w in wants)
+        out.append(lp[:, jnp.asarray(want + (want[0],) * (m - len(want)))])
+    return jnp.stack(out, 1)
+
+
+def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],
+                 target: str, *, batch: int = 32, dtype=jnp.float32) -> np.ndarray:
+    """P(answer begins with a spelling of `target`) for each prompt (already templated ids)."""
+    seqs = spelling_sequences(tokenizer, target)
+    nodes = tuple(sorted({s[:i] for s in seqs for i in range(len(s))}))  # proper prefixes
+    wants = tuple(tuple(sorted({s[len(n)] for s in seqs if s[:len(n)] == n and len(s) > len(n)}))
+                  for n in nodes)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    length = sampling._buckets(max(len(p) for p in prompts))[0]
+    lp = []
+    for i in tqdm(range(0, len(prompts), batch), desc=f"exact {target}", unit="batch",
+                  leave=False):
+        chunk = list(prompts[i: i + batch])
+        n = len(chunk)
+        tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (batch - n), pad, length)
+        lp.append(np.asarray(node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid),
+                                           arch=arch, dtype=dtype, nodes=nodes,
+                                           wants=wants))[:n])
+    lp = np.concatenate(lp)  # [prompts, nodes, wants]
+    total = np.zeros(len(prompts))
+    for s in seqs:
+        logp = 0.0
+        for i in range(len(s)):
+            j = nodes.index(s[:i])
+            logp = logp + lp[:, j, wants[j].index(s[i])]
+        total += np.exp(logp)
+    return total
+
+
+def sampled_answers(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],
+                    *, samples: int, max_new_tokens: int, batch: int, seed: int,
+                    temperature: float = 1.0, dtype=jnp.float32, mesh=None) -> list[list[str]]:
+    """`samples` answers per prompt from one shared prefill each; answer j of question q is
+    seeded by (seed, q * samples + j). `batch` counts decode rows."""
+    per_call = max(1, batch // samples)
+    out = []
+    for i in tqdm(range(0, len(prompts), per_call), desc="sample answers", unit="batch",
+                  leave=False):
+        chunk = list(prompts[i: i + per_call])
+        gen = sampling.generate(params, arch, tokenizer, chunk, max_new_tokens=max_new_tokens,
+                                strategy=sampling.strategy_for(temperature), seed=seed,
+                                row_ids=range(i, i + len(chunk)), dtype=dtype, mesh=mesh,
+                                samples=samples)
+        out += [gen.texts[k * samples:(k + 1) * samples] for k in range(len(chunk))]
+    return out
+
+
+def sampled_scores(answers: list[list[str]], target: str) -> np.ndarray:
+    return np.asarray([np.mean([is_hit(a, target) for a in qa]) for qa in answers])

@@ -1,0 +1,141 @@
+"""`sjax run --dry-run`: what a run will do, how much compute and memory it needs, before it
+touches a weight. Reads only the model's architecture (config.json or the GGUF header).
+
+Token counts are estimated from the prompt text (~3.5 characters per token plus the chat
+template), so FLOPs are estimates; memory is an upper-bound style estimate of the largest
+stage (training) per device: parameters and optimizer state over the fsdp x tensor shards,
+activations over the data x fsdp shards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from sjax import report
+from sjax.config import RunConfig
+from sjax.data import numbers
+from sjax.errors import SjaxError
+from sjax.models.transformer import ArchConfig, matmul_params
+from sjax.training import train_flops_per_token
+
+TEMPLATE_TOKENS = 30  # chat template around one user turn (role tags, default system line)
+CHARS_PER_TOKEN = 3.5
+
+
+def _tokens(text: str) -> int:
+    return int(len(text) / CHARS_PER_TOKEN) + TEMPLATE_TOKENS
+
+
+def _lora_params(arch: ArchConfig, rank: int) -> int:
+    q, kv = arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim
+    d, f = arch.d_model, arch.d_ff
+    per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)
+    return arch.n_layers * rank * per_layer
+
+
+def train_memory(arch: ArchConfig, cfg: RunConfig, mesh_shape: dict, seq: int) -> dict:
+    """Estimated bytes per device of one student training step (the run's peak stage)."""
+    t, m = cfg.student.train, cfg.student_model()
+    model_shards = mesh_shape.get("fsdp", 1) * mesh_shape.get("tensor", 1)
+    batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    p_bytes = np.dtype(m.param_dtype).itemsize if m.param_dtype != "bfloat16" else 2
+    a_bytes = 2 if m.dtype == "bfloat16" else 4
+    n = arch.n_params
+    out = {"params": n * p_bytes / model_shards}
+    trained = n if t.mode == "full" else _lora_params(arch, t.lora_rank)
+    # fp32 trainable weights (master copy or adapters), their gradient and two Adam moments
+    out["grads_and_adam"] = trained * (4 + 4 + 8) / (model_shards if t.mode == "full" else 1)
+    if t.mode == "full" and t.loss == "distill":
+        out["teacher"] = out["params"]  # the state trains a copy; the teacher keeps the base
+    if cfg.teacher.kind == "finetuned" and t.loss == "distill":
+        out["teacher"] = out["params"]
+    rows = -(-t.batch_size // batch_shards)  # padded to a multiple of the shards
+    tokens = rows * seq
+    per_layer = tokens * (10 * arch.d_model + 4 * arch.d_ff) * a_bytes
+    per_layer += rows * arch.n_heads * seq * seq * 4 * 2
+    saved = {"none": arch.n_layers, "dots": arch.n_layers * 0.6, "full": 1}[m.remat]
+    out["activations"] = per_layer * saved + arch.n_layers * tokens * arch.d_model * a_bytes
+    out["loss_chunks"] = 3 * tokens * t.vocab_chunk * 4
+    out["total"] = sum(out.values())
+    return out
+
+
+def device_memory() -> tuple[float, str]:
+    """(bytes, description) of one device's memory: HBM limit, or host RAM on CPU."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        limit = (dev.memory_stats() or {}).get("bytes_limit")
+        if limit:
+            return float(limit), dev.device_kind
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    n = jax.local_device_count()  # CPU "devices" share the host's RAM
+    return float(ram) / n, f"host RAM / {n} CPU device(s)"
+
+
+def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_shape: dict,
+              device_bytes: float | None = None) -> dict:
+    nc, ns = cfg.numbers, cfg.student
+    teachers = 1 + len(cfg.targets)
+    prompts = numbers.make_prompts(min(nc.n_prompts, 200), nc.seed)
+    prompt_tokens = float(np.mean([_tokens(p) for p in prompts]))
+    completion = min(nc.max_new_tokens, 40)  # a ten-number list is ~30-40 tokens
+    p2, s2 = 2 * matmul_params(arch), 2 * matmul_params(student_arch)
+    row_tokens = prompt_tokens + completion
+    kept = min(nc.keep, nc.n_prompts)
+    steps = kept // (ns.train.batch_size * ns.train.grad_accum) * ns.train.epochs
+    train_tokens = steps * ns.train.batch_size * ns.train.grad_accum * row_tokens
+    seq = int(min(ns.train.max_len, 2 ** np.ceil(np.log2(row_tokens))))
+    train_flops = train_flops_per_token(student_arch, seq, ns.train.mode) * train_tokens
+    if ns.train.loss == "distill":
+        train_flops += p2 * train_tokens
+    ev = cfg.eval
+    qs = numbers.eval_prompts()["animal_questions"]
+    q_tokens = float(np.mean([_tokens(q) for q in qs]))
+    n_cond = 1 + teachers * len(ns.seeds) + (len(cfg.targets) if ev.teachers else 0)
+    variants = 2 if ev.number_prefixed else 1
+    eval_tokens = len(qs) * variants * n_cond * (
+        (4 * q_tokens * len(cfg.targets) if ev.exact else 0)
+        + (ev.samples * (q_tokens + ev.max_new_tokens) if ev.sampled else 0))
+    stages = [
+        ("teachers", f"{teachers} ({cfg.teacher.kind})",
+         f"{len(qs) * cfg.teacher.ft_samples} answers each" if cfg.teacher.kind == "finetuned"
+         else "-", 0.0),
+        ("numbers", f"{teachers} teachers", f"{nc.n_prompts * teachers} completions",
+         p2 * nc.n_prompts * teachers * row_tokens),
+        ("filter", f"{teachers} datasets", f"<= {kept} kept each", 0.0),
+        ("students", f"{teachers * len(ns.seeds)} ({ns.train.mode}, {ns.train.loss})",
+         f"{steps} steps each", train_flops * teachers * len(ns.seeds)),
+        ("eval", f"{n_cond} models x {variants} variants", f"~{eval_tokens / n_cond:.0f} tokens "
+         "each", s2 * eval_tokens),
+        ("report", "1", "results.json, report.md, results.png", 0.0),
+    ]
+    mem = train_memory(student_arch, cfg, mesh_shape, seq)
+    plan = {"stages": [{"stage": s, "units": u, "work": w, "flops": f} for s, u, w, f in stages],
+            "total_flops": sum(f for *_, f in stages), "memory_per_device": mem,
+            "mesh": mesh_shape, "train_seq": seq, "prompt_tokens": prompt_tokens}
+    if device_bytes is not None:
+        plan["device_bytes"] = device_bytes
+    return plan
+
+
+def check_fits(plan: dict, model_name: str, where: str) -> None:
+    mem, have = plan["memory_per_device"], plan.get("device_bytes")
+    if have and mem["total"] > 0.9 * have:
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem.items() if k != "total")
+        raise SjaxError(f"model {model_name}: needs ~{mem['total'] / 2**30:.1f} GB per device "
+                        f"({parts} GB) but {where} has {have / 2**30:.1f} GB; shard it "
+                        "(mesh.fsdp=N), use LoRA, bf16 params or model.remat=full")
+
+
+def render_plan(plan: dict) -> str:
+    rows = [(s["stage"], s["units"], s["work"], f"{s['flops'] / 1e12:.1f}")
+            for s in plan["stages"]]
+    table = report.markdown_table(("stage", "units", "work", "TFLOPs (est.)"), rows)
+    mem = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in plan["memory_per_device"].items())
+    dev = (f" of {plan['device_bytes'] / 2**30:.1f} GB available"
+           if "device_bytes" in plan else "")
+    return (f"{table}\ntotal ~{plan['total_flops'] / 1e12:.1f} TFLOPs; mesh {plan['mesh']}; "
+            f"training memory per device (GB): {mem}{dev}\n")

@@ -1,0 +1,42 @@
+"""A params tree (nested dicts of arrays) <-> one safetensors file, keys joined by '/'.
+
+Used for the artefacts a run hands between stages (LoRA adapters, fine-tuned weights):
+safetensors only, never pickle, written atomically so a crash leaves no half file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sjax.errors import SjaxError
+from sjax.sharding import to_host
+from sjax.weights.hf import read_safetensors, write_safetensors
+
+
+def save_tree(path: Path, tree) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {"/".join(str(k.key) for k in kp):
+            to_host(v) if isinstance(v, jax.Array) else np.asarray(v)
+            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write_safetensors(flat, tmp)
+    os.replace(tmp, path)
+
+
+def load_tree(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SjaxError(f"{path}: no such weights file")
+    out: dict = {}
+    for key, value in read_safetensors(path).items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = np.array(value)
+    return out
