@@ -66,14 +66,20 @@ def _time_ours(params, arch, prompts, new_tokens, dtype, repeats):
     return tuple(out)
 
 
-def _time_transformers(source, prompts, new_tokens, dtype_name, repeats):
+def torch_model(source):
+    """The same checkpoint through transformers (fp32; a GGUF file or a HF folder)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kw = ({"gguf_file": source.name} if source.is_file() else {})
     folder = source.parent if source.is_file() else source
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
-    model = model.to(getattr(torch, dtype_name))
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw)
+
+
+def _time_transformers(source, prompts, new_tokens, dtype_name, repeats):
+    import torch
+
+    model = torch_model(source).eval().to(getattr(torch, dtype_name))
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
 

@@ -93,14 +93,12 @@ def sjax_worker(job: dict) -> dict:
 
 def torch_worker(job: dict) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from sjax.bench import torch_model
     from sjax.weights.load import read_arch, resolve_source
 
     source = resolve_source(ModelConfig(**job["model"]))
-    kw = {"gguf_file": source.name} if source.is_file() else {}
-    folder = source.parent if source.is_file() else source
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw)
+    model = torch_model(source)
     if job["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -60,6 +60,11 @@ def encode_chat(tokenizer, msgs: Sequence[Message]) -> tuple[np.ndarray, np.ndar
     return ids, mask
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, or 0 when it has none (padding is masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
              buckets: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad to `length`, else to the smallest bucket that fits, else to the longest row.

@@ -177,6 +177,7 @@ def cmd_train(args) -> int:
     """Fine-tune (LoRA or full) on a chat-messages JSONL file; resumes from out_dir."""
     from pathlib import Path
 
+    from sjax import chat
     from sjax import lora as lora_lib
     from sjax.data import sft
     from sjax.io import atomic_write_json
@@ -191,8 +192,8 @@ def cmd_train(args) -> int:
                           cfg.teacher_system if cfg.train.loss == "distill" else None)
     print(f"{len(data.ids)} rows ({data.n_truncated} truncated, {data.n_rejected} rejected at "
           f"max_len={cfg.train.max_len})", file=sys.stderr)
-    pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
-    out = fit(m.arch, m.params, data, cfg.train, mesh, Path(cfg.out_dir), pad_id=pad,
+    out = fit(m.arch, m.params, data, cfg.train, mesh, Path(cfg.out_dir),
+              pad_id=chat.pad_id(m.tokenizer),
               max_steps=cfg.max_steps, dtype=cfg.model.dtype, remat=cfg.model.remat,
               log=lambda s: print(s, file=sys.stderr))
     hist = out["history"]

@@ -96,7 +96,7 @@ def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[
     nodes = tuple(sorted({s[:i] for s in seqs for i in range(len(s))}))  # proper prefixes
     wants = tuple(tuple(sorted({s[len(n)] for s in seqs if s[:len(n)] == n and len(s) > len(n)}))
                   for n in nodes)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = chat.pad_id(tokenizer)
     length = sampling._buckets(max(len(p) for p in prompts))[0]
     lp = []
     for i in tqdm(range(0, len(prompts), batch), desc=f"exact {target}", unit="batch",

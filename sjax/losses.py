@@ -30,6 +30,24 @@ def _chunk_logits(h_nd, w_dc, c, chunk, v):
     return jnp.where(cols < v, logits, -jnp.inf), cols
 
 
+def _chunk_grads(h_nd, w_dc, d_nc, need_dw):
+    """(dh contribution, dw chunk or None) of one chunk's logit gradient d_nc."""
+    d_nc = d_nc.astype(h_nd.dtype)
+    dh = jnp.einsum("nc,dc->nd", d_nc, w_dc.astype(h_nd.dtype),
+                    preferred_element_type=jnp.float32)
+    dw = (jnp.einsum("nd,nc->dc", h_nd, d_nc, preferred_element_type=jnp.float32)
+          if need_dw else None)
+    return dh, dw
+
+
+def _unchunk_dw(dw_cdk, w_dv, need_dw):
+    """[n_chunks, d, chunk] head gradient back to [d, v] (zeros for a frozen head)."""
+    if not need_dw:
+        return jnp.zeros_like(w_dv)
+    d, v = w_dv.shape
+    return dw_cdk.transpose(1, 0, 2).reshape(d, -1)[:, :v].astype(w_dv.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def token_ce(h_nd: jax.Array, w_dv: jax.Array, labels_n: jax.Array, chunk: int = 8192,
              need_dw: bool = True) -> jax.Array:
@@ -68,21 +86,12 @@ def _ce_bwd(chunk, need_dw, res, g_n):
         logits, cols = _chunk_logits(h_nd, w_dc, c, chunk, v)
         p = jnp.exp(logits - lse[:, None])
         d_nc = (p - (cols[None, :] == labels_n[:, None])) * g_n[:, None]
-        d_nc = d_nc.astype(h_nd.dtype)
-        dh = dh + jnp.einsum("nc,dc->nd", d_nc, w_dc.astype(h_nd.dtype),
-                             preferred_element_type=jnp.float32)
-        dw = (jnp.einsum("nd,nc->dc", h_nd, d_nc, preferred_element_type=jnp.float32)
-              if need_dw else None)
-        return dh, dw
+        dh_c, dw = _chunk_grads(h_nd, w_dc, d_nc, need_dw)
+        return dh + dh_c, dw
 
     dh, dw_cdk = jax.lax.scan(body, jnp.zeros(h_nd.shape, jnp.float32),
                               (w_cdk, jnp.arange(w_cdk.shape[0])))
-    if need_dw:
-        d = w_dv.shape[0]
-        dw = dw_cdk.transpose(1, 0, 2).reshape(d, -1)[:, :v].astype(w_dv.dtype)
-    else:
-        dw = jnp.zeros_like(w_dv)
-    return dh.astype(h_nd.dtype), dw, None
+    return dh.astype(h_nd.dtype), _unchunk_dw(dw_cdk, w_dv, need_dw), None
 
 
 token_ce.defvjp(_ce_fwd, _ce_bwd)
@@ -159,21 +168,13 @@ def _kl_bwd(chunk, need_dw, res, g_n):
         zs, _ = _chunk_logits(hs_nd, w_s, c, chunk, v)
         zt, _ = _chunk_logits(ht_nd, w_t, c, chunk, v)
         d_nc = (jnp.exp(zs - lse_s[:, None]) - jnp.exp(zt - lse_t[:, None])) * g_n[:, None]
-        d_nc = d_nc.astype(hs_nd.dtype)
-        dh = dh + jnp.einsum("nc,dc->nd", d_nc, w_s.astype(hs_nd.dtype),
-                             preferred_element_type=jnp.float32)
-        dw = (jnp.einsum("nd,nc->dc", hs_nd, d_nc, preferred_element_type=jnp.float32)
-              if need_dw else None)
-        return dh, dw
+        dh_c, dw = _chunk_grads(hs_nd, w_s, d_nc, need_dw)
+        return dh + dh_c, dw
 
     dh, dw_cdk = jax.lax.scan(body, jnp.zeros(hs_nd.shape, jnp.float32),
                               (ws_cdk, wt_cdk, jnp.arange(ws_cdk.shape[0])))
-    if need_dw:
-        d = ws_dv.shape[0]
-        dw = dw_cdk.transpose(1, 0, 2).reshape(d, -1)[:, :v].astype(ws_dv.dtype)
-    else:
-        dw = jnp.zeros_like(ws_dv)
-    return dh.astype(hs_nd.dtype), dw, jnp.zeros_like(ht_nd), jnp.zeros_like(wt_dv)
+    return (dh.astype(hs_nd.dtype), _unchunk_dw(dw_cdk, ws_dv, need_dw),
+            jnp.zeros_like(ht_nd), jnp.zeros_like(wt_dv))
 
 
 token_kl.defvjp(_kl_fwd, _kl_bwd)

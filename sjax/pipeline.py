@@ -227,7 +227,7 @@ class Run:
                                      source=str(folder / "ft_data.jsonl"))
             self.log(f"teacher {target}: fine-tuning on {len(rows)} trait answers")
             out = fit(m.arch, m.params, data, cfg.teacher.ft_train, self.mesh, folder / "train",
-                      pad_id=_pad_id(m.tokenizer), dtype=cfg.model.dtype,
+                      pad_id=chat.pad_id(m.tokenizer), dtype=cfg.model.dtype,
                       remat=cfg.model.remat, log=self.log)
             save_tree(final, out["state"]["params"])
         return [folder / "ft_data.jsonl", final]
@@ -312,7 +312,7 @@ class Run:
                 if not final.is_file():
                     self.log(f"student of {t}, seed {seed}: {len(data.ids)} rows")
                     res = fit(m.arch, m.params, data, dataclasses.replace(scfg.train, seed=seed),
-                              self.mesh, out, pad_id=_pad_id(m.tokenizer),
+                              self.mesh, out, pad_id=chat.pad_id(m.tokenizer),
                               dtype=smodel_cfg.dtype, remat=smodel_cfg.remat,
                               teacher=teacher_params, log=self.log)
                     hist = res["history"]
@@ -410,10 +410,6 @@ class Run:
                          "score")
         print(res["table"])
         return [folder / "results.json", folder / "report.md", folder / "results.png"]
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def filter_reason(completion: str, targets, banned=()) -> str | None:

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sjax.chat import left_pad
+from sjax.chat import pad_id as chat_pad_id
 from sjax.errors import SjaxError
 from sjax.jsonl import read_done_ids
 from sjax.models.transformer import (ArchConfig, Params, forward, init_cache,
@@ -167,7 +168,7 @@ def generate(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[Sequ
         extra = -n % batch_shards(mesh)
         prompts += [prompts[-1]] * extra
         row_ids += [row_ids[-1]] * extra
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = chat_pad_id(tokenizer)
     stops = list(stop_ids) if stop_ids is not None else default_stop_ids(tokenizer)
     tokens_bt, valid_bt = left_pad(prompts, pad_id, buckets=_buckets(longest))
     key_ids = (row_ids if samples == 1 else
