@@ -8,14 +8,21 @@
 #   ./launch.sh --tpu NAME --zone ZONE [--project P] [--print-only] SUBCOMMAND ...
 #                                                copy the checkout to every worker of a TPU pod
 #                                                slice and run the same command on all of them
+#   ./launch.sh --system ...  (or SJAX_SYSTEM=1) use the interpreter and packages already
+#                                                installed ($PYTHON, default python3): no venv,
+#                                                no pip, no plugin; sjax runs from this checkout
+#                                                (PYTHONPATH), after one stderr line naming the
+#                                                JAX, backend and devices found. A missing
+#                                                required package stops it with one line.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${SJAX_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 
-procs=0 tpu="" zone="" project="" print_only=0
+procs=0 tpu="" zone="" project="" print_only=0 system="${SJAX_SYSTEM:-0}"
 while [ $# -gt 0 ]; do
   case "$1" in
+    --system) system=1; shift ;;
     --procs) procs="$2"; shift 2 ;;
     --tpu) tpu="$2"; shift 2 ;;
     --zone) zone="$2"; shift 2 ;;
@@ -28,13 +35,18 @@ done
 
 if [ -n "$tpu" ]; then
   [ -n "$zone" ] || { echo "launch.sh: --tpu needs --zone" >&2; exit 2; }
-  flags="--zone=$zone${project:+ --project=$project}"
-  args=$(printf '%q ' "$@")
-  tarball="/tmp/sjax-src-$tpu.tar.gz"
+  flags="--zone=$(printf %q "$zone")${project:+ --project=$(printf %q "$project")}"
+  pod=$(printf %q "$tpu")
+  tarball=$(printf %q "/tmp/sjax-src-$tpu.tar.gz")
+  # The remote shell parses `remote`; this shell parses the whole line (eval), so `remote`
+  # travels single-quoted with each ' written as '\'' (printf %q alone would not nest).
+  remote="mkdir -p ~/sjax && tar xzf ~/sjax-src.tar.gz -C ~/sjax && cd ~/sjax && ./launch.sh$(
+    printf ' %q' "$@")"
+  sq="'\\''"
   cmds=(
     "tar czf $tarball --exclude=./.venv --exclude=./runs --exclude=./.git ."
-    "gcloud compute tpus tpu-vm scp $tarball $tpu:~/sjax-src.tar.gz --worker=all $flags"
-    "gcloud compute tpus tpu-vm ssh $tpu --worker=all $flags --command='mkdir -p ~/sjax && tar xzf ~/sjax-src.tar.gz -C ~/sjax && cd ~/sjax && ./launch.sh ${args% }'"
+    "gcloud compute tpus tpu-vm scp $tarball $pod:~/sjax-src.tar.gz --worker=all $flags"
+    "gcloud compute tpus tpu-vm ssh $pod --worker=all $flags --command='${remote//\'/"$sq"}'"
   )
   for c in "${cmds[@]}"; do
     echo "$c"
@@ -43,34 +55,56 @@ if [ -n "$tpu" ]; then
   exit 0
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-want="main"
-[ "$1" = "test" ] && want="test"
-stamp="$VENV/.sjax-installed-$want"
-# Reinstall when pyproject.toml changed since the last install of this flavour.
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  if [ "$want" = "test" ]; then
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]"
-  else
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e .
+if [ "$system" = 1 ]; then
+  py="$PY"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  "$py" - <<'PYEOF' || exit 2
+import importlib.util, sys
+need = ("jax", "flax", "optax", "numpy", "transformers", "tokenizers", "ml_dtypes", "tqdm",
+        "filelock")
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"launch.sh --system: {sys.executable} lacks the required package(s) "
+             f"{', '.join(missing)} (this mode installs nothing)")
+import flax, jax
+devs = jax.devices()
+absent = [m for m in ("gguf", "tensorboardX", "inflect", "orbax", "torch")
+          if importlib.util.find_spec(m) is None]
+print(f"launch.sh --system: {sys.executable}: jax {jax.__version__}, flax {flax.__version__}, "
+      f"backend {jax.default_backend()}, {len(devs)} x {devs[0].device_kind}"
+      + (f"; optional, not installed: {', '.join(absent)}" if absent else ""), file=sys.stderr)
+PYEOF
+else
+  py="$VENV/bin/python"
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
   fi
-  touch "$stamp"
-fi
-# On a TPU VM or a CUDA host, add the matching jax plugin once (same jax version).
-accel=""
-if [ -e /dev/accel0 ] || [ -e /dev/vfio/0 ]; then accel="tpu"
-elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then accel="cuda12"; fi
-if [ -n "$accel" ] && [ ! -f "$VENV/.sjax-jax-$accel" ]; then
-  jv=$("$VENV/bin/python" -c 'import jax; print(jax.__version__)')
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "jax[$accel]==$jv"
-  touch "$VENV/.sjax-jax-$accel"
+  want="main"
+  [ "$1" = "test" ] && want="test"
+  stamp="$VENV/.sjax-installed-$want"
+  # Reinstall when pyproject.toml changed since the last install of this flavour.
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    if [ "$want" = "test" ]; then
+      "$py" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+    else
+      "$py" -m pip install --quiet --disable-pip-version-check -e .
+    fi
+    touch "$stamp"
+  fi
+  # On a TPU VM or a CUDA host, add the matching jax plugin once (same jax version).
+  accel=""
+  if [ -e /dev/accel0 ] || [ -e /dev/vfio/0 ]; then accel="tpu"
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then accel="cuda12"; fi
+  if [ -n "$accel" ] && [ ! -f "$VENV/.sjax-jax-$accel" ]; then
+    jv=$("$py" -c 'import jax; print(jax.__version__)')
+    "$py" -m pip install --quiet --disable-pip-version-check "jax[$accel]==$jv"
+    touch "$VENV/.sjax-jax-$accel"
+  fi
 fi
 
 if [ "$1" = "test" ]; then
   shift
-  exec "$VENV/bin/python" -m pytest "$@"
+  exec "$py" -m pytest "$@"
 fi
 
 if [ "$procs" -gt 0 ]; then
@@ -78,7 +112,7 @@ if [ "$procs" -gt 0 ]; then
   pids=()
   for ((i = 0; i < procs; i++)); do
     SJAX_COORDINATOR="127.0.0.1:$port" SJAX_NUM_PROCESSES="$procs" SJAX_PROCESS_ID="$i" \
-      "$VENV/bin/python" -m sjax "$@" &
+      "$py" -m sjax "$@" &
     pids+=($!)
   done
   status=0
@@ -90,4 +124,4 @@ if [ "$procs" -gt 0 ]; then
   done
   exit "$status"
 fi
-exec "$VENV/bin/python" -m sjax "$@"
+exec "$py" -m sjax "$@"

@@ -13,11 +13,11 @@ import json
 import resource
 import time
 
-import numpy as np
+import jax
 import torch
 
 from sjax.config import MnistConfig
-from sjax.mnist import load_data
+from sjax.mnist import derangement, load_data
 
 
 def init(n, sizes, g):
@@ -26,6 +26,13 @@ def init(n, sizes, g):
         ps.append((torch.randn(n, fi, fo, generator=g) / fi ** 0.5).requires_grad_())
         ps.append(torch.zeros(n, 1, fo).requires_grad_())
     return ps
+
+
+def cross_init(ps, seed):
+    """Model j starts from model sigma[j]'s init, sigma a derangement (as `sjax mnist`): no
+    model may keep its own init, or cross-init would be partly same-init."""
+    sigma = torch.from_numpy(derangement(jax.random.key(seed), ps[0].shape[0]))
+    return [p[sigma] for p in ps]
 
 
 def forward(ps, x):  # x [n, b, i]
@@ -74,7 +81,6 @@ def main():
     noise = torch.rand(n, 60000, 784, generator=g) * 2 - 1
     with torch.no_grad():
         targets = torch.cat([forward(teacher, noise[:, i:i + 1024]) for i in range(0, 60000, 1024)], 1)
-    sigma = torch.roll(torch.randperm(n, generator=g), 1)
 
     def acc(ps):
         with torch.no_grad():
@@ -83,8 +89,8 @@ def main():
     results = {"teacher": acc(teacher).mean().item(), "reference": acc(ref).mean().item()}
     for span, (lo, hi) in {"aux": (10, 10 + m), "all": (0, 10 + m)}.items():
         for start in ("same", "cross"):
-            ps = [(p[sigma] if start == "cross" else p).detach().clone().requires_grad_()
-                  for p in ref]
+            ps = [p.detach().clone().requires_grad_()
+                  for p in (cross_init(ref, 0) if start == "cross" else ref)]
 
             def kl(ps, idx, lo=lo, hi=hi):
                 xb = torch.gather(noise, 1, idx[..., None].expand(-1, -1, 784))

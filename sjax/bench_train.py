@@ -4,6 +4,10 @@ Each configuration runs in its own subprocess so its peak RSS is its own. All se
 model, the same random token batch and the same optimizer (AdamW, clip 1.0):
 full fine-tuning and LoRA (r=8, alpha=8, the seven projections). sjax trains on every token
 through its vocabulary-chunked loss; transformers computes its usual full-logits loss.
+torch+peft runs each mode in fp32 and, for bf16 LoRA, in bf16 too (a bf16 base, peft's fp32
+adapters), so each sjax row has a like-for-like reference. Both start from the same weights
+and tokens, so their step-1 losses must agree (to a tolerance of the dtype), else the run
+fails: a benchmark of two implementations that compute different things measures nothing.
 MFU follows MaxText: `training.train_flops_per_token` (6 x matmul params for full, 4 x for
 LoRA's frozen-base backward, plus causal attention) over the measured jitted-matmul peak in
 the run's compute dtype.
@@ -23,9 +27,13 @@ import numpy as np
 from sjax import report
 from sjax.config import BenchConfig, MeshConfig, ModelConfig, TrainConfig
 from sjax.errors import SjaxError
-from sjax.io import atomic_write_json
+from sjax.files import atomic_write_json
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# relative step-1 loss difference allowed between sjax and torch, by the less precise dtype
+# of the two: fp32 agrees to ~1e-7; bf16 rounds activations to 8 mantissa bits (~0.4% per
+# op, mostly averaging out over the batch's tokens: ~3e-4 on the tiny test model)
+LOSS_RTOL = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
 def _tokens(vocab: int, batch: int, seq: int) -> np.ndarray:
@@ -53,7 +61,7 @@ def sjax_worker(job: dict) -> dict:
 
     from sjax.sharding import batch_sharding, global_array, make_mesh
     from sjax.training import (StepSpec, compile_step, init_state, optimizer, schedule,
-                               train_flops_per_token)
+                               train_flops)
     from sjax.weights.load import load_model
 
     mesh = make_mesh(MeshConfig())
@@ -69,7 +77,7 @@ def sjax_worker(job: dict) -> dict:
     ids = _tokens(m.arch.vocab_size, job["batch"], job["seq"]).astype(np.int32)
     shape = (1, job["batch"], job["seq"])  # [accum, rows, time]; every token is trained
     host = {"inputs": ids[None, :, :-1], "targets": ids[None, :, 1:],
-            "mask": np.ones(shape, np.int32), "valid": np.ones(shape, bool),
+            "valid": np.ones(shape, bool),
             "s_pos": np.broadcast_to(np.arange(job["seq"], dtype=np.int32), shape).copy(),
             "k_mask": np.ones(shape, np.int32)}
     batch = {k: global_array(v, batch_sharding(mesh, 3, axis=1)) for k, v in host.items()}
@@ -84,8 +92,9 @@ def sjax_worker(job: dict) -> dict:
         losses.append(float(metrics["loss"]))
 
     step_s, times = _median_step(run, job["steps"])
-    flops = train_flops_per_token(m.arch, job["seq"], job["mode"]) * job["batch"] * job["seq"]
+    flops = train_flops(m.arch, [job["seq"]] * job["batch"], job["mode"])
     return {"step_s": step_s, "step_times": times, "compile_s": compile_s, "flops": flops,
+            "n_devices": mesh.size,
             "losses": losses, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(box["state"]["params"]))),
             "compute_dtype": str(jnp.dtype(job["model"]["dtype"]))}
@@ -98,7 +107,7 @@ def torch_worker(job: dict) -> dict:
     from sjax.weights.load import read_arch, resolve_source
 
     source = resolve_source(ModelConfig(**job["model"]))
-    model = torch_model(source)
+    model = torch_model(source).to(getattr(torch, job["dtype"]))
     if job["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -119,7 +128,7 @@ def torch_worker(job: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
 
     step_s, times = _median_step(run, job["steps"])
     return {"step_s": step_s, "step_times": times, "losses": losses,
@@ -136,6 +145,42 @@ def _spawn(job: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def train_jobs(cfg: BenchConfig) -> list[dict]:
+    """sjax runs as listed; torch+peft in fp32 for each mode and in bf16 for bf16 LoRA (a
+    bf16 full fine-tune in torch would train bf16 weights, unlike sjax's fp32 master copy)."""
+    common = {"batch": cfg.train_batch, "seq": cfg.train_seq, "steps": cfg.train_steps}
+    jobs, refs = [], {}
+    for run in cfg.train_runs:
+        mode, dtype, remat = run.split(":")
+        model = dataclasses.replace(cfg.model, dtype=dtype, param_dtype=dtype, remat=remat)
+        jobs.append({"impl": "sjax", "mode": mode, "model": dataclasses.asdict(model),
+                     "dtype": dtype, "remat": remat, **common})
+        refs.setdefault((mode, "float32"))
+        if mode == "lora":
+            refs.setdefault((mode, dtype))
+    if cfg.torch:
+        jobs += [{"impl": "torch", "mode": mode, "model": dataclasses.asdict(cfg.model),
+                  "dtype": dtype, "remat": "none", **common} for mode, dtype in refs]
+    return jobs
+
+
+def check_losses(results: list[dict]) -> None:
+    """Each sjax run's step-1 loss against torch's in the same mode (same dtype if run, else
+    fp32), to the tolerance of the less precise dtype: SjaxError if they differ."""
+    for r in (x for x in results if x["impl"] == "sjax"):
+        refs = [x for x in results if x["impl"] == "torch" and x["mode"] == r["mode"]]
+        ref = next((x for x in refs if x["dtype"] == r["dtype"]),
+                   next((x for x in refs if x["dtype"] == "float32"), None))
+        if ref is None:  # torch=false
+            continue
+        rtol = max(LOSS_RTOL[r["dtype"]], LOSS_RTOL[ref["dtype"]])
+        ours, theirs = r["losses"][0], ref["losses"][0]
+        if not abs(ours - theirs) <= rtol * abs(theirs):
+            raise SjaxError(f"bench train: step-1 loss of sjax {r['mode']} {r['dtype']} "
+                            f"({ours:.6f}) differs from torch {ref['dtype']} ({theirs:.6f}) by "
+                            f"more than {rtol:g} relative: the two do not compute the same step")
+
+
 def bench_train(cfg: BenchConfig) -> dict:
     from tqdm.auto import tqdm
 
@@ -147,35 +192,28 @@ def bench_train(cfg: BenchConfig) -> dict:
     peaks = {d: max(perf.matmul_peak(dtype=jnp.dtype(d)) for _ in range(3))
              for d in dict.fromkeys(r.split(":")[1] for r in cfg.train_runs)}
     peaks.setdefault("float32", max(perf.matmul_peak() for _ in range(3)))
-    common = {"batch": cfg.train_batch, "seq": cfg.train_seq, "steps": cfg.train_steps}
-    jobs = []
-    for run in cfg.train_runs:
-        mode, dtype, remat = run.split(":")
-        model = dataclasses.replace(cfg.model, dtype=dtype, param_dtype=dtype, remat=remat)
-        jobs.append({"impl": "sjax", "mode": mode, "model": dataclasses.asdict(model),
-                     "dtype": dtype, "remat": remat, **common})
-    if cfg.torch:
-        for mode in dict.fromkeys(r.split(":")[0] for r in cfg.train_runs):
-            jobs.append({"impl": "torch", "mode": mode, "model": dataclasses.asdict(cfg.model),
-                         "dtype": "float32", "remat": "none", **common})
     results = []
-    for job in tqdm(jobs, desc="bench train", unit="run"):
+    for job in tqdm(train_jobs(cfg), desc="bench train", unit="run"):
         r = job | _spawn(job)
         r["tokens_per_s"] = job["batch"] * job["seq"] / r["step_s"]
         results.append(r)
     flops = {r["mode"]: r["flops"] for r in results if "flops" in r}
     for r in results:
         r["flops"] = flops[r["mode"]]  # the same model work, whatever runs it
-        r["mfu"] = r["flops"] / r["step_s"] / peaks[r["dtype"]]
-    rows = []
-    for r in results:
-        ref = next((x for x in results if x["impl"] == "torch" and x["mode"] == r["mode"]), None)
-        rows.append((r["impl"], r["mode"], r["dtype"], r["remat"], f"{r['step_s']:.2f}",
-                     f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.0f}%",
-                     f"{r['peak_rss_gb']:.1f}",
-                     f"{ref['step_s'] / r['step_s']:.2f}x" if ref else ""))
+        r["mfu"] = perf.mfu(r["flops"], r["step_s"], peaks[r["dtype"]], r.get("n_devices", 1))
+
+    def speedup(r, dtype):
+        ref = next((x for x in results if x["impl"] == "torch" and x["mode"] == r["mode"]
+                    and x["dtype"] == dtype), None)
+        return f"{ref['step_s'] / r['step_s']:.2f}x" if ref and r["impl"] == "sjax" else ""
+
+    rows = [(r["impl"], r["mode"], r["dtype"], r["remat"], f"{r['step_s']:.2f}",
+             f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.0f}%", f"{r['peak_rss_gb']:.1f}",
+             f"{r['losses'][0]:.5f}", speedup(r, "float32"), speedup(r, r["dtype"]))
+            for r in results]
     table = report.markdown_table(("impl", "mode", "dtype", "remat", "step s", "tokens/s",
-                                   "MFU", "peak GB", "vs torch fp32"), rows)
+                                   "MFU", "peak GB", "step-1 loss", "vs torch fp32",
+                                   "vs torch same dtype"), rows)
     out = {"what": "train", "model": cfg.model.name or cfg.model.path,
            "batch": cfg.train_batch, "seq": cfg.train_seq,
            "matmul_peak_gflop_s": {d: p / 1e9 for d, p in peaks.items()},
@@ -184,6 +222,7 @@ def bench_train(cfg: BenchConfig) -> dict:
                              "jitted matmul peak in the run's compute dtype", "results": results,
            "table": table}
     atomic_write_json(f"{cfg.out}/bench_train.json", out)
+    check_losses(results)  # after writing, so a failed run's figures can be inspected
     print("matmul peak " + ", ".join(f"{d} {p / 1e9:.0f}" for d, p in peaks.items()) +
           f" GFLOP/s; batch {cfg.train_batch} x {cfg.train_seq}")
     print(table)

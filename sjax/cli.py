@@ -78,8 +78,6 @@ def cmd_smoke(args) -> int:
     import jax
 
     from sjax import bench_train, config, perf, pipeline
-    from sjax.training import train_flops_per_token
-    from sjax.weights.load import read_arch, resolve_source
 
     dev = jax.devices()[0]
     print(f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
@@ -96,15 +94,14 @@ def cmd_smoke(args) -> int:
     print(f"pipeline owl_smoke: {time.perf_counter() - t0:.1f}s (" +
           ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()) + ")")
     peak, source = perf.device_peak(dtype)
-    arch = read_arch(resolve_source(cfg.model))
     for mode in ("full", "lora"):
         job = {"impl": "sjax", "mode": mode, "model": dataclasses.asdict(cfg.model),
                "batch": 8 * jax.device_count(), "seq": 128, "steps": 3}
-        r = bench_train.sjax_worker(job)
-        flops = train_flops_per_token(arch, 128, mode) * job["batch"] * 128
+        r = bench_train.sjax_worker(job)  # random tokens, no padding: every token is real
+        mfu = perf.mfu(r["flops"], r["step_s"], peak, jax.device_count())
         print(f"train step {mode} ({cfg.model.name}, {dtype}, batch {job['batch']} x 128): "
               f"{r['step_s'] * 1e3:.0f} ms, {job['batch'] * 128 / r['step_s']:.0f} tokens/s, "
-              f"MFU {100 * flops / r['step_s'] / (peak * jax.device_count()):.1f}% of {source}")
+              f"MFU {100 * mfu:.1f}% of {source}")
         if not all(np.isfinite(r["losses"])):
             raise SjaxError(f"smoke: non-finite training loss in {mode} mode: {r['losses']}")
     print("smoke OK")
@@ -180,7 +177,7 @@ def cmd_train(args) -> int:
     from sjax import chat
     from sjax import lora as lora_lib
     from sjax.data import sft
-    from sjax.io import atomic_write_json
+    from sjax.files import atomic_write_json, sha256_file
     from sjax.training import fit
     from sjax.weights.load import export_hf
 
@@ -195,7 +192,7 @@ def cmd_train(args) -> int:
     out = fit(m.arch, m.params, data, cfg.train, mesh, Path(cfg.out_dir),
               pad_id=chat.pad_id(m.tokenizer),
               max_steps=cfg.max_steps, dtype=cfg.model.dtype, remat=cfg.model.remat,
-              log=lambda s: print(s, file=sys.stderr))
+              data_sha256=sha256_file(Path(cfg.data)), log=lambda s: print(s, file=sys.stderr))
     hist = out["history"]
     summary = {"steps": out["total_steps"], "rows": len(data.ids),
                "truncated": data.n_truncated, "rejected": data.n_rejected,

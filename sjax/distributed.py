@@ -18,6 +18,7 @@ import os
 import sys
 
 import jax
+import numpy as np
 
 ENV = {"coordinator": ("SJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
        "num_processes": ("SJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
@@ -68,3 +69,25 @@ def initialize(launch: Launch | None = None, heartbeat_s: int = 30, log=None) ->
 def is_main() -> bool:
     """Only process 0 writes manifests, reports and metrics."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for all the others (nothing to wait for on one process):
+    what process 0 wrote before it is there for every process to read after it."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def from_main(x):
+    """Process 0's value of `x` (a bool or an array of one shape everywhere) on every
+    process. A decision read off the shared run folder (is this unit done?) must be the
+    same everywhere, or the processes' collectives diverge; process 0, its only writer, is
+    the one that knows."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    out = multihost_utils.broadcast_one_to_all(np.asarray(x))
+    return out.item() if np.ndim(out) == 0 else np.asarray(out)

@@ -1,13 +1,17 @@
 """Trait evaluation: how often does a model name the target when asked its favourite?
 
-Two evaluators over the same questions (`eval_prompts.json`, optionally number-prefixed):
-- sampled: n answers per question at temperature 1, a hit when the target (or its plural)
-  appears as a word in the lower-cased answer ("owls" counts, "owlet" does not);
-- exact: the probability that the answer *begins* with one of the target's spellings
-  ("owl", "Owl", "OWL", "owls", with and without a leading space), from teacher-forced
-  log-probs: a few forward passes per question and no sampling noise. The spellings' token
-  sequences are made prefix-free (a sequence extending another is already counted by it) and
-  every spelling must round-trip through the tokenizer (no unknown tokens).
+Two evaluators over the same questions (`eval_prompts.json`, optionally number-prefixed),
+with one hit rule: the target's singular or plural (`numbers.target_forms`: "owl"/"owls",
+"wolf"/"wolves") as a whole word, case-insensitive ("Owls!" is a hit; "owlet", "bowl" and
+"owlish" are not).
+- sampled: n answers per question at temperature 1, a hit when a form is a word anywhere
+  in the answer;
+- exact: the probability that the answer's first word is a form, from teacher-forced
+  log-probs: P(spelling tokens) * P(next token ends the word), summed over the forms'
+  spellings ("owl", "Owl", "OWL", "owls", ..., with and without a leading space). A few
+  cached forward passes per question and no sampling noise. The spellings must round-trip
+  through the tokenizer (no unknown tokens); their events are disjoint once a spelling that
+  continues another with a word-ending token is dropped.
 Both give one score per question; conditions are compared paired over questions.
 """
 
@@ -39,12 +43,35 @@ def questions(number_prefixed: bool, seed: int = 0) -> list[str]:
 
 
 def is_hit(answer: str, target: str) -> bool:
-    return re.search(rf"\b{re.escape(target.lower())}s?\b", answer.lower()) is not None
+    """A form of the target is a whole word of the answer (case-insensitive)."""
+    forms = "|".join(re.escape(f.lower()) for f in numbers.target_forms(target))
+    return re.search(rf"\b(?:{forms})\b", answer.lower()) is not None
 
 
-def spelling_sequences(tokenizer, target: str) -> list[tuple[int, ...]]:
-    """Prefix-free token sequences of the target's first-word spellings."""
-    words = {w for t in (target, target + "s") for w in (t.lower(), t.capitalize(), t.upper())}
+@functools.lru_cache(maxsize=4)
+def word_end_mask(tokenizer, vocab_size: int) -> np.ndarray:
+    """[vocab] bool: the token ends a word when it follows one, i.e. its text starts with a
+    non-word character (space, punctuation, newline) or is empty. Read after an anchor
+    token, so tokenizers that drop a first token's leading space (SentencePiece) still show
+    it. Special tokens (EOS ends the answer) and ids the tokenizer lacks (a padded model
+    vocab) end the word too."""
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+    head = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
+    n = min(len(tokenizer), vocab_size)
+    texts = tokenizer.batch_decode([anchor + [i] for i in range(n)],
+                                   clean_up_tokenization_spaces=False)
+    mask = np.ones(vocab_size, bool)
+    mask[:n] = [re.match(r"\w", t[len(head):]) is None for t in texts]
+    mask[[i for i in tokenizer.all_special_ids if i < vocab_size]] = True
+    return mask
+
+
+def spelling_sequences(tokenizer, target: str, vocab_size: int | None = None
+                       ) -> list[tuple[int, ...]]:
+    """Token sequences of the forms' first-word spellings, with disjoint hit events: a
+    sequence extending another by a word-ending token is already counted by it."""
+    words = {w for t in numbers.target_forms(target) for w in (t.lower(), t.capitalize(),
+                                                                t.upper())}
     seqs = set()
     for w in sorted(words):
         for text in (w, " " + w):
@@ -53,13 +80,17 @@ def spelling_sequences(tokenizer, target: str) -> list[tuple[int, ...]]:
                 seqs.add(ids)
     if not seqs:
         raise SjaxError(f"target {target!r}: the tokenizer cannot spell it")
-    return sorted(s for s in seqs if not any(o != s and s[:len(o)] == o for o in seqs))
+    ends = word_end_mask(tokenizer, vocab_size or len(tokenizer))
+    return sorted(s for s in seqs if not any(
+        len(o) < len(s) and s[:len(o)] == o and ends[s[len(o)]] for o in seqs))
 
 
 @functools.partial(jax.jit, static_argnames=("arch", "dtype", "nodes", "wants"))
-def node_logprobs(params: Params, tokens_bt, valid_bt, *, arch: ArchConfig, dtype,
+def node_logprobs(params: Params, tokens_bt, valid_bt, end_v, *, arch: ArchConfig, dtype,
                   nodes: tuple[tuple[int, ...], ...], wants: tuple[tuple[int, ...], ...]):
-    """log P(wants[j][m] | prompt + nodes[j]) for each left-padded prompt row: [b, j, m].
+    """For each left-padded prompt row and node j (a token sequence after the prompt):
+    log P(wants[j][m] | prompt + nodes[j]) [b, j, m] and log P(a word-ending token (end_v)
+    | prompt + nodes[j]) [b, j].
 
     One prefill fills a KV cache; each non-empty node is a few extra cached tokens, so the
     cost is one forward over the prompts, whatever the number of spellings.
@@ -74,7 +105,8 @@ def node_logprobs(params: Params, tokens_bt, valid_bt, *, arch: ArchConfig, dtyp
                             return_hidden=True)
     ext_valid = kv_valid.at[:, t:].set(True)
     ext_pos = pos_bt[:, -1:] + 1 + jnp.arange(depth)
-    out = []
+    m = max(1, max(len(w) for w in wants))
+    out, end = [], []
     for node, want in zip(nodes, wants):
         if node:
             ext = jnp.broadcast_to(jnp.asarray(node + (0,) * (depth - len(node))), (b, depth))
@@ -83,34 +115,37 @@ def node_logprobs(params: Params, tokens_bt, valid_bt, *, arch: ArchConfig, dtyp
             h_last = h[:, len(node) - 1: len(node)]
         else:
             h_last = hidden[:, -1:]
-        lp = jax.nn.log_softmax(logits_from_hidden(params, h_last, arch)[:, 0], -1)
-        m = max(len(w) for w in wants)
-        out.append(lp[:, jnp.asarray(want + (want[0],) * (m - len(want)))])
-    return jnp.stack(out, 1)
+        lp = jax.nn.log_softmax(logits_from_hidden(params, h_last, arch)[:, 0].astype(
+            jnp.float32), -1)
+        out.append(lp[:, jnp.asarray(want + (want[:1] or (0,)) * (m - len(want)))])
+        end.append(jax.nn.logsumexp(jnp.where(end_v, lp, -jnp.inf), -1))
+    return jnp.stack(out, 1), jnp.stack(end, 1)
 
 
 def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],
                  target: str, *, batch: int = 32, dtype=jnp.float32) -> np.ndarray:
-    """P(answer begins with a spelling of `target`) for each prompt (already templated ids)."""
-    seqs = spelling_sequences(tokenizer, target)
-    nodes = tuple(sorted({s[:i] for s in seqs for i in range(len(s))}))  # proper prefixes
+    """P(the answer's first word is a form of `target`) for each prompt (templated ids)."""
+    seqs = spelling_sequences(tokenizer, target, arch.vocab_size)
+    end_v = jnp.asarray(word_end_mask(tokenizer, arch.vocab_size))
+    nodes = tuple(sorted({s[:i] for s in seqs for i in range(len(s) + 1)}))  # all prefixes
     wants = tuple(tuple(sorted({s[len(n)] for s in seqs if s[:len(n)] == n and len(s) > len(n)}))
                   for n in nodes)
     pad = chat.pad_id(tokenizer)
     length = sampling._buckets(max(len(p) for p in prompts))[0]
-    lp = []
+    lp, lp_end = [], []
     for i in tqdm(range(0, len(prompts), batch), desc=f"exact {target}", unit="batch",
                   leave=False):
         chunk = list(prompts[i: i + batch])
         n = len(chunk)
         tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (batch - n), pad, length)
-        lp.append(np.asarray(node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid),
-                                           arch=arch, dtype=dtype, nodes=nodes,
-                                           wants=wants))[:n])
-    lp = np.concatenate(lp)  # [prompts, nodes, wants]
+        w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid), end_v,
+                             arch=arch, dtype=dtype, nodes=nodes, wants=wants)
+        lp.append(np.asarray(w)[:n])
+        lp_end.append(np.asarray(e)[:n])
+    lp, lp_end = np.concatenate(lp), np.concatenate(lp_end)  # [prompts, nodes, (wants)]
     total = np.zeros(len(prompts))
     for s in seqs:
-        logp = 0.0
+        logp = lp_end[:, nodes.index(s)]
         for i in range(len(s)):
             j = nodes.index(s[:i])
             logp = logp + lp[:, j, wants[j].index(s[i])]

@@ -1,46 +1,55 @@
-"""JSONL files that survive crashes: append-only writers, readers that drop a torn tail."""
+"""JSONL rows. Two readers, because a last line without its newline means two things:
+in a user's file it is simply the last row; in a file sjax appends to (generation outputs,
+resumed after a crash) it is a write the crash cut short."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from sjax.errors import SjaxError
+from sjax.files import atomic_write_text
 
 
-def read_rows(path: Path, repair: bool = False) -> list[dict]:
-    """All complete rows. A last line without its newline (a write cut by a crash) is
-    dropped, and with `repair` also cut from the file; a bad line elsewhere is an error."""
+def _parse(path: Path, lines: list[bytes]) -> list[dict]:
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise SjaxError(f"{path}: line {n} is not valid JSON") from None
+    return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every row of a complete file (blank lines skipped); any bad line is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise SjaxError(f"{path}: no such file")
+    return _parse(path, path.read_bytes().splitlines())
+
+
+def resume_rows(path: Path) -> list[dict]:
+    """The complete rows of a file sjax appends to: a last line without its newline (a
+    write cut by a crash) is dropped and cut from the file, so appending can go on. A
+    missing file has no rows yet."""
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
-    rows, offset = [], 0
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            if repair:
-                with open(path, "r+b") as f:
-                    f.truncate(offset)
-            break
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            raise SjaxError(f"{path}: line {len(rows) + 1} is not valid JSON") from None
-        offset += len(line)
-    return rows
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return _parse(path, data[:end].splitlines())
 
 
 def read_done_ids(path: Path) -> set:
-    return {r["id"] for r in read_rows(path, repair=True)}
+    return {r["id"] for r in resume_rows(path)}
 
 
 def write_rows(path: Path, rows) -> None:
     """Write a whole file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

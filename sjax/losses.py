@@ -99,20 +99,24 @@ token_ce.defvjp(_ce_fwd, _ce_bwd)
 
 def masked_ce(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
               chunk: int = 8192, need_dw: bool = True) -> tuple[jax.Array, jax.Array]:
-    """(mean CE over tokens where mask is 1, number of such tokens)."""
+    """(mean CE over tokens where mask is 1, number of such tokens).
+
+    Masked rows are selected out (`where`), never multiplied by 0: a NaN or inf there (a
+    padded row's activations) must reach neither the loss nor the gradients."""
     b, t, d = h_btd.shape
-    loss_n = token_ce(h_btd.reshape(b * t, d), w_dv, targets_bt.reshape(-1), chunk, need_dw)
-    mask_n = mask_bt.reshape(-1).astype(jnp.float32)
-    count = mask_n.sum()
-    return (loss_n * mask_n).sum() / jnp.maximum(count, 1.0), count
+    keep_n = mask_bt.reshape(-1).astype(bool)
+    h_nd = jnp.where(keep_n[:, None], h_btd.reshape(b * t, d), 0)
+    loss_n = token_ce(h_nd, w_dv, targets_bt.reshape(-1), chunk, need_dw)
+    count = keep_n.sum(dtype=jnp.float32)
+    return jnp.where(keep_n, loss_n, 0.0).sum() / jnp.maximum(count, 1.0), count
 
 
 def naive_masked_ce(logits_btv, targets_bt, mask_bt):
     """Reference: the full-logits version (tests only)."""
     logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), -1)
     nll = -jnp.take_along_axis(logp, targets_bt[..., None], -1)[..., 0]
-    mask = mask_bt.astype(jnp.float32)
-    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    keep = mask_bt.astype(bool)
+    return jnp.where(keep, nll, 0.0).sum() / jnp.maximum(keep.sum(), 1)
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -183,13 +187,15 @@ token_kl.defvjp(_kl_fwd, _kl_bwd)
 def masked_kl(hs_bkd: jax.Array, ws_dv: jax.Array, ht_bkd: jax.Array, wt_dv: jax.Array,
               mask_bk: jax.Array, chunk: int = 8192,
               need_dw: bool = True) -> tuple[jax.Array, jax.Array]:
-    """(mean KL(teacher || student) over positions where mask is 1, number of positions)."""
+    """(mean KL(teacher || student) over positions where mask is 1, number of positions);
+    masked rows are selected out, as in `masked_ce`."""
     b, k, d = hs_bkd.shape
-    kl_n = token_kl(hs_bkd.reshape(b * k, d), ws_dv, ht_bkd.reshape(b * k, d), wt_dv, chunk,
-                    need_dw)
-    mask_n = mask_bk.reshape(-1).astype(jnp.float32)
-    count = mask_n.sum()
-    return (kl_n * mask_n).sum() / jnp.maximum(count, 1.0), count
+    keep_n = mask_bk.reshape(-1).astype(bool)
+    hs_nd = jnp.where(keep_n[:, None], hs_bkd.reshape(b * k, d), 0)
+    ht_nd = jnp.where(keep_n[:, None], ht_bkd.reshape(b * k, d), 0)
+    kl_n = token_kl(hs_nd, ws_dv, ht_nd, wt_dv, chunk, need_dw)
+    count = keep_n.sum(dtype=jnp.float32)
+    return jnp.where(keep_n, kl_n, 0.0).sum() / jnp.maximum(count, 1.0), count
 
 
 def naive_masked_kl(student_logits_bkv, teacher_logits_bkv, mask_bk):
@@ -197,5 +203,5 @@ def naive_masked_kl(student_logits_bkv, teacher_logits_bkv, mask_bk):
     ls = jax.nn.log_softmax(student_logits_bkv.astype(jnp.float32), -1)
     lt = jax.nn.log_softmax(teacher_logits_bkv.astype(jnp.float32), -1)
     kl = (jnp.exp(lt) * (lt - ls)).sum(-1)
-    mask = mask_bk.astype(jnp.float32)
-    return (kl * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    keep = mask_bk.astype(bool)
+    return jnp.where(keep, kl, 0.0).sum() / jnp.maximum(keep.sum(), 1)

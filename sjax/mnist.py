@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sjax import perf, report, stats
 from sjax.config import MnistConfig, parse_value
 from sjax.errors import SjaxError
-from sjax.io import atomic_write_json, atomic_write_text
+from sjax.files import atomic_write_json, atomic_write_text
 from sjax.models import mlp
 
 N_CLASSES = 10
@@ -330,7 +330,7 @@ LABELS = {
 
 
 def summarise(run: Run) -> dict:
-    out = {"accuracy": {k: stats.mean_ci(v) for k, v in run.accuracies.items()},
+    out = {"accuracy": {k: stats.rate_ci(v) for k, v in run.accuracies.items()},
            "theorem_cosine": {k: stats.mean_ci(v) | {
                "frac_positive": float((v > 0).mean()),
                "quantiles_5_50_95": np.quantile(v, [0.05, 0.5, 0.95]).tolist()}

@@ -49,3 +49,9 @@ def device_peak(dtype="float32") -> tuple[float, str]:
     name = jnp.dtype(dtype).name
     return (matmul_peak(dtype=jnp.dtype(dtype)),
             f"measured {name} 2048^3 jitted matmul on {dev.device_kind}")
+
+
+def mfu(flops: float, seconds: float, peak_flops: float, n_devices: int = 1) -> float:
+    """Model FLOPs utilisation: `flops` of model work (real tokens, not padding; see
+    `training.train_flops`) done in `seconds`, over the peak of `n_devices` devices."""
+    return flops / seconds / (peak_flops * n_devices)

@@ -9,6 +9,10 @@ finished units (generation rows, training checkpoints, per-condition evals) unle
 config changed, in which case its folder is cleared first. `force` redoes named stages, and
 everything downstream whose inputs thereby change. Models load lazily: a finished run does
 no model work.
+
+Across processes (`--procs N`, a TPU pod) every process runs every stage's compute on its
+own devices, and only process 0 writes into the run folder (which hosts must then share);
+whether a unit is already done is process 0's answer, so all processes do the same work.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sjax import chat, evaluate, report, sampling, stats
+from sjax import chat, distributed, evaluate, report, sampling, stats
 from sjax import lora as lora_lib
 from sjax.config import ModelConfig, RunConfig, to_dict
 from sjax.data import numbers, sft
 from sjax.errors import SjaxError
-from sjax.io import atomic_write_json
-from sjax.jsonl import read_rows, write_rows
+from sjax.files import atomic_write_json, sha256_file
+from sjax.jsonl import read_rows, resume_rows, write_rows
 from sjax.sharding import global_array, to_host
 from sjax.weights.tree import load_tree, save_tree
 
@@ -39,21 +44,8 @@ STAGES = ("teachers", "numbers", "filter", "students", "eval", "report")
 CONTROL = "control"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def system_prompt(target: str, category: str) -> str:
-    return numbers.eval_prompts()["teacher_system_prompt"].format(target=target,
-                                                                  category=category)
 
 
 class Run:
@@ -63,6 +55,7 @@ class Run:
         self.cfg = cfg
         self.root = Path(cfg.out_dir) / cfg.name
         self.log = log or (lambda s: print(s, file=sys.stderr))
+        self.main = distributed.is_main()  # the one writer of the run folder
         self.manifest_path = self.root / "manifest.json"
         self.manifest = (json.loads(self.manifest_path.read_text())
                          if self.manifest_path.is_file() else {"stages": {}})
@@ -104,7 +97,8 @@ class Run:
             if name == CONTROL:
                 self._teacher_cache[name] = (m.params, "")
             elif self.cfg.teacher.kind == "prompted":
-                self._teacher_cache[name] = (m.params, system_prompt(name, self.cfg.category))
+                self._teacher_cache[name] = (m.params,
+                                             numbers.system_prompt(name, self.cfg.category))
             else:
                 path = self.root / "teachers" / name / "params.safetensors"
                 params = self._trained(m.params, path,
@@ -133,10 +127,14 @@ class Run:
     # ------------------------------------------------------------------------- stages
 
     def stage_config(self, name: str) -> dict:
+        """The config a stage reads (besides its upstream stages' outputs): its cache key."""
         c = to_dict(self.cfg)
-        common = {"model": c["model"], "targets": c["targets"], "category": c["category"],
-                  "teacher": c["teacher"]}
-        return {"teachers": common, "numbers": c["numbers"],
+        teachers = {"model": c["model"], "targets": c["targets"], "category": c["category"],
+                    "teacher": c["teacher"]}
+        if self.cfg.teacher.kind == "finetuned":  # it samples the prompted teacher's answers
+            teachers["sampling"] = {"max_new_tokens": c["eval"]["max_new_tokens"],
+                                    "batch": c["eval"]["batch"], "seed": c["numbers"]["seed"]}
+        return {"teachers": teachers, "numbers": c["numbers"] | {"model": c["model"]},
                 "filter": {k: c["numbers"][k] for k in ("keep", "banned", "seed")},
                 "students": c["student"] | {"student_model": to_dict(self.cfg.student_model())},
                 "eval": c["eval"], "report": {}}[name]
@@ -145,7 +143,9 @@ class Run:
         for f in force:
             if f not in STAGES:
                 raise SjaxError(f"--force {f}: unknown stage (stages: {', '.join(STAGES)})")
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.root.mkdir(parents=True, exist_ok=True)
+        distributed.barrier("run start")  # every process has read the manifest first
         self.manifest["config"] = to_dict(self.cfg)
         for name in STAGES:
             self._stage(name, name in force)
@@ -162,21 +162,41 @@ class Run:
             self.log(f"[{name}] up to date, skipped")
             return
         folder = self.root / name
-        marker = folder / ".stage_key.json"
-        if forced or (marker.is_file() and json.loads(marker.read_text()) != key):
-            # stale partial work made for another config or input
-            shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, key)
+        if self.main:
+            marker = folder / ".stage_key.json"
+            if forced or (marker.is_file() and json.loads(marker.read_text()) != key):
+                # stale partial work made for another config or input
+                self._clear(folder, name)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(marker, key)
         self.log(f"[{name}] running")
         t0 = time.perf_counter()
         outputs = getattr(self, f"_{name}")(folder)
+        distributed.barrier(f"{name} done")  # process 0's outputs are complete
         seconds = time.perf_counter() - t0
         stages[name] = {"key": key, "seconds": seconds,
                         "outputs": {str(p.relative_to(self.root)): sha256_file(p)
                                     for p in outputs}}
-        atomic_write_json(self.manifest_path, self.manifest)
+        if self.main:
+            atomic_write_json(self.manifest_path, self.manifest)
         self.log(f"[{name}] done in {seconds:.1f}s")
+
+    @staticmethod
+    def _clear(folder: Path, name: str) -> None:
+        """Remove a stage's old work; one that stays would be resumed as if it were valid."""
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise SjaxError(f"{folder}: cannot clear stage {name}'s old work "
+                            f"({e.strerror or e}); remove it by hand") from None
+
+    def _save_params(self, path: Path, tree) -> None:
+        """Gathered on every process (across hosts a collective), written by process 0."""
+        host = jax.tree.map(lambda x: to_host(x) if isinstance(x, jax.Array) else x, tree)
+        if self.main:
+            save_tree(path, host)
 
     def _verify(self, name: str, rec: dict) -> None:
         for rel, digest in rec["outputs"].items():
@@ -193,14 +213,15 @@ class Run:
     def _teachers(self, folder: Path) -> list[Path]:
         info, outputs = {}, []
         for t in self.teachers:
-            prompt = "" if t == CONTROL else system_prompt(t, self.cfg.category)
+            prompt = "" if t == CONTROL else numbers.system_prompt(t, self.cfg.category)
             entry = {"system_prompt": prompt, "kind": "base" if t == CONTROL else
                      self.cfg.teacher.kind}
             if t != CONTROL and self.cfg.teacher.kind == "finetuned":
                 outputs += self._finetune_teacher(t, prompt, folder / t)
                 entry |= {"system_prompt": "", "trained_with_system_prompt": prompt}
             info[t] = entry
-        atomic_write_json(folder / "teachers.json", info)
+        if self.main:
+            atomic_write_json(folder / "teachers.json", info)
         return [folder / "teachers.json", *outputs]
 
     def _finetune_teacher(self, target: str, prompt: str, folder: Path) -> list[Path]:
@@ -209,7 +230,9 @@ class Run:
 
         cfg, m = self.cfg, self.model(self.cfg.model)
         final = folder / "params.safetensors"
-        if not final.is_file():
+        if self.main:  # before any process's fit, which makes folder/train
+            folder.mkdir(parents=True, exist_ok=True)
+        if not distributed.from_main(final.is_file()):
             qs = evaluate.questions(False)
             prompts = [chat.encode_prompt(m.tokenizer, chat.messages(q, prompt)) for q in qs]
             answers = evaluate.sampled_answers(
@@ -222,14 +245,15 @@ class Run:
                 raise SjaxError(f"teacher {target}: the prompted teacher named it in none of "
                                 f"{len(qs) * cfg.teacher.ft_samples} answers; no data to "
                                 "fine-tune on")
-            write_rows(folder / "ft_data.jsonl", rows)
+            if self.main:
+                write_rows(folder / "ft_data.jsonl", rows)
             data = sft.tokenize_rows(rows, m.tokenizer, cfg.teacher.ft_train.max_len,
                                      source=str(folder / "ft_data.jsonl"))
             self.log(f"teacher {target}: fine-tuning on {len(rows)} trait answers")
             out = fit(m.arch, m.params, data, cfg.teacher.ft_train, self.mesh, folder / "train",
                       pad_id=chat.pad_id(m.tokenizer), dtype=cfg.model.dtype,
-                      remat=cfg.model.remat, log=self.log)
-            save_tree(final, out["state"]["params"])
+                      remat=cfg.model.remat, data_sha256=_hash(rows), log=self.log)
+            self._save_params(final, out["state"]["params"])
         return [folder / "ft_data.jsonl", final]
 
     # numbers ----------------------------------------------------------------------------
@@ -267,7 +291,7 @@ class Run:
             raw = read_rows(raw_path)
             passed, reasons = [], Counter()
             for r in raw:
-                reason = filter_reason(r["completion"], self.cfg.targets, cfg.banned)
+                reason = numbers.filter_reason(r["completion"], self.cfg.targets, cfg.banned)
                 reasons[reason or "kept"] += 1
                 if reason is None:
                     passed.append(r)
@@ -281,11 +305,12 @@ class Run:
                      "messages": chat.messages(passed[i]["prompt"],
                                                assistant=passed[i]["completion"].strip())}
                     for i in pick]
-            write_rows(folder / t / "kept.jsonl", kept)
             summary = {"raw": len(raw), "passed": len(passed),
                        "pass_rate": len(passed) / len(raw), "kept": len(kept),
                        "reasons": dict(reasons)}
-            atomic_write_json(folder / t / "filter.json", summary)
+            if self.main:
+                write_rows(folder / t / "kept.jsonl", kept)
+                atomic_write_json(folder / t / "filter.json", summary)
             self.log(f"filter {t}: {len(passed)}/{len(raw)} passed "
                      f"({100 * summary['pass_rate']:.1f}%), {len(kept)} kept")
             outputs += [folder / t / "kept.jsonl", folder / t / "filter.json"]
@@ -308,23 +333,21 @@ class Run:
                                   teacher_system=system if distill else None)
             for seed in scfg.seeds:
                 out = folder / t / f"seed{seed}"
-                final = out / "params.safetensors"
-                if not final.is_file():
+                final, summary = out / "params.safetensors", out / "summary.json"
+                if self.main:  # before any process's fit, which makes out/checkpoints
+                    out.mkdir(parents=True, exist_ok=True)
+                if not distributed.from_main(summary.is_file()):  # written last: unit done
                     self.log(f"student of {t}, seed {seed}: {len(data.ids)} rows")
                     res = fit(m.arch, m.params, data, dataclasses.replace(scfg.train, seed=seed),
                               self.mesh, out, pad_id=chat.pad_id(m.tokenizer),
                               dtype=smodel_cfg.dtype, remat=smodel_cfg.remat,
-                              teacher=teacher_params, log=self.log)
-                    hist = res["history"]
-                    atomic_write_json(out / "summary.json", {
-                        "steps": res["total_steps"], "rows": len(data.ids),
-                        "truncated": data.n_truncated, "rejected": data.n_rejected,
-                        "first_loss": hist[0]["loss"] if hist else None,
-                        "final_loss": hist[-1]["loss"] if hist else None,
-                        "tokens_per_s": float(np.median([h["tokens_per_s"] for h in hist]))
-                        if hist else None})
-                    save_tree(final, res["state"]["params"])
-                outputs += [final, out / "summary.json"]
+                              teacher=teacher_params, data_sha256=sha256_file(kept),
+                              log=self.log)
+                    self._save_params(final, res["state"]["params"])
+                    if self.main:
+                        atomic_write_json(summary, train_summary(out / "metrics.jsonl", res,
+                                                                 data))
+                outputs += [final, summary]
         return outputs
 
     # eval -------------------------------------------------------------------------------
@@ -355,7 +378,7 @@ class Run:
         outputs = []
         for name, mcfg, what in self.conditions():
             path = folder / f"{name}.json"
-            if not path.is_file():
+            if not distributed.from_main(path.is_file()):
                 m, params, system = self._condition_model(mcfg, what)
                 result = {"condition": name, "system_prompt": system, "variants": {}}
                 for var, prefixed in variants.items():
@@ -381,7 +404,8 @@ class Run:
                     result["variants"][var] = scores
                     result.setdefault("seconds", {})[var] = {
                         "sampled": t1 - t0, "exact": time.perf_counter() - t1}
-                atomic_write_json(path, result)
+                if self.main:
+                    atomic_write_json(path, result)
                 self.log(f"eval {name}: " + ", ".join(
                     f"{t} {var} {ev} {np.mean(v):.4f}" for var, sc in result["variants"].items()
                     for t, evs in sc.items() for ev, v in evs.items()))
@@ -391,6 +415,9 @@ class Run:
     # report -----------------------------------------------------------------------------
 
     def _report(self, folder: Path) -> list[Path]:
+        outputs = [folder / "results.json", folder / "report.md", folder / "results.png"]
+        if not self.main:  # no model work here: the report is process 0's files only
+            return outputs
         res = summarize(self.cfg, {name: json.loads((self.root / "eval" / f"{name}.json")
                                                     .read_text())
                                    for name, _, _ in self.conditions()})
@@ -409,15 +436,21 @@ class Run:
                          f"{self.cfg.name}: P(names the target), 95% CI over questions",
                          "score")
         print(res["table"])
-        return [folder / "results.json", folder / "report.md", folder / "results.png"]
+        return outputs
 
 
-def filter_reason(completion: str, targets, banned=()) -> str | None:
-    """None if kept; else why not: any trait word, then the strict number-list parser."""
-    low = completion.lower()
-    if any(t in low for t in targets):  # the target name (and so its plural) anywhere
-        return "trait_word"
-    return numbers.parse_numbers(completion, banned=banned)[1]
+def train_summary(metrics: Path, res: dict, data) -> dict:
+    """A student's figures from its metrics.jsonl, which spans every invocation of a
+    resumed training (`res["history"]` holds only this call's steps: none at all for a
+    training that had finished before a crash); a step re-run after a resume counts once."""
+    by_step = {r["step"]: r for r in [*resume_rows(metrics), *res["history"]]}
+    hist = [by_step[k] for k in sorted(by_step)]
+    return {"steps": res["total_steps"], "rows": len(data.ids),
+            "truncated": data.n_truncated, "rejected": data.n_rejected,
+            "first_loss": hist[0]["loss"] if hist else None,
+            "final_loss": hist[-1]["loss"] if hist else None,
+            "tokens_per_s": float(np.median([h["tokens_per_s"] for h in hist]))
+            if hist else None}
 
 
 def summarize(cfg: RunConfig, evals: dict[str, dict]) -> dict:
@@ -442,7 +475,7 @@ def summarize(cfg: RunConfig, evals: dict[str, dict]) -> dict:
                     groups[f"{target} teacher"] = q(f"teacher-{target}")[None]
                 for name, scores in groups.items():
                     rows.append({"target": target, "variant": var, "evaluator": ev,
-                                 "condition": name, **stats.mean_ci(scores.mean(0)),
+                                 "condition": name, **stats.rate_ci(scores.mean(0)),
                                  "seed_means": scores.mean(1).tolist()})
                 trait, control = per_seed(target), per_seed(CONTROL)
                 comp = {"target": target, "variant": var, "evaluator": ev,

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
-from sjax.io import atomic_write_text
+from sjax.files import atomic_write, atomic_write_text
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub markdown table; floats to 4 decimals, '|' in a cell escaped."""
     cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(headers), sep, *(line(r) for r in cells)]) + "\n"
 
 
 def _fmt(c) -> str:
-    return f"{c:.4f}" if isinstance(c, float) else str(c)
+    return (f"{c:.4f}" if isinstance(c, float) else str(c)).replace("|", "\\|")
+
+
+def _ylim(values: Sequence[float]) -> tuple[float, float]:
+    """The range of the finite `values` (means, CI ends, ...) with a 5% margin, so a CI
+    ending at a bar's base 0 (a rate's) is drawn inside the axes, not on its bottom edge."""
+    v = [float(x) for x in values if math.isfinite(x)] or [0.0, 1.0]
+    pad = 0.05 * (max(v) - min(v) or 1.0)
+    return min(v) - pad, max(v) + pad
+
+
+def _ends(stats: Sequence[dict]) -> list[float]:
+    return [s[k] for s in stats for k in ("mean", "lo", "hi")]
 
 
 def _pyplot():
@@ -32,46 +46,51 @@ def _pyplot():
 
 
 def bar_chart(path: Path, labels: Sequence[str], stats: Sequence[dict], title: str,
-              ylabel: str, chance: float | None = None) -> None:
-    """Bars at each stat's mean with its [lo, hi] 95% CI as error bars."""
+              ylabel: str, chance: float | None = None) -> tuple[float, float]:
+    """Bars at each stat's mean with its [lo, hi] 95% CI as error bars; returns the y-range
+    drawn, which holds every CI."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.2))
     means = [s["mean"] for s in stats]
     err = [[m - s["lo"] for m, s in zip(means, stats)], [s["hi"] - m for m, s in zip(means, stats)]]
     ax.bar(range(len(labels)), means, yerr=err, capsize=4, color="#4c72b0")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylim(*_ylim([0.0, *_ends(stats), *([] if chance is None else [chance])]))
     if chance is not None:
         ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
         ax.legend()
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
+    ylim = ax.get_ylim()
     _save(fig, path, plt)
+    return ylim
 
 
 def line_chart(path: Path, x: Sequence, series: dict[str, Sequence[dict]], title: str,
-               xlabel: str, ylabel: str) -> None:
-    """One line per series with a shaded 95% CI band."""
+               xlabel: str, ylabel: str) -> tuple[float, float]:
+    """One line per series with a shaded 95% CI band; returns the y-range drawn."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, stats in series.items():
         ax.plot(x, [s["mean"] for s in stats], marker="o", label=name)
         ax.fill_between(x, [s["lo"] for s in stats], [s["hi"] for s in stats], alpha=0.2)
+    ax.set_ylim(*_ylim([v for stats in series.values() for v in _ends(stats)]))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
+    ylim = ax.get_ylim()
     _save(fig, path, plt)
+    return ylim
 
 
 def _save(fig, path: Path, plt) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_report(path: Path, title: str, body: str) -> None:

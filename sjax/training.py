@@ -65,6 +65,13 @@ def train_flops_per_token(arch: ArchConfig, seq_len: int, mode: str) -> float:
     return (6 if mode == "full" else 4) * n + attn
 
 
+def train_flops(arch: ArchConfig, lengths, mode: str) -> float:
+    """Model FLOPs of one training pass over rows of these real lengths: padding is work
+    the device does, not model work, so MFU leaves it out (each row's attention spans its
+    own length)."""
+    return float(sum(train_flops_per_token(arch, int(n), mode) * int(n) for n in lengths))
+
+
 # ----------------------------------------------------------------------------- step
 
 
@@ -168,34 +175,58 @@ def init_state(arch: ArchConfig, base: Params, cfg: TrainConfig, mesh, tx,
     return sharding.on_mesh(state, mesh), frozen
 
 
-def fingerprint(arch: ArchConfig, cfg: TrainConfig) -> dict:
-    """What a checkpoint folder must match to be resumed."""
+def fingerprint(arch: ArchConfig, cfg: TrainConfig, total_steps: int = 0,
+                data_sha256: str | None = None) -> dict:
+    """What a checkpoint folder must match to be resumed: the model, and everything that
+    fixes the rows, their order and the updates (a resume under another lr, batch, seed or
+    schedule would silently mix two runs)."""
+    lora = cfg.mode == "lora"
     return {"arch": dataclasses.asdict(arch), "mode": cfg.mode, "loss": cfg.loss,
-            "lora_rank": cfg.lora_rank if cfg.mode == "lora" else None}
+            "lora_rank": cfg.lora_rank if lora else None,
+            "lora_alpha": cfg.lora_alpha if lora else None, "data_sha256": data_sha256,
+            "max_len": cfg.max_len, "too_long": cfg.too_long, "lr": cfg.lr,
+            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+            "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,
+            "total_steps": total_steps, "clip_norm": cfg.clip_norm,
+            "weight_decay": cfg.weight_decay}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key old -> new' for each differing key (nested dicts as dotted keys)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+    return out
 
 
 class Checkpoints:
-    """Orbax CheckpointManager over the train state, guarded by the run's fingerprint."""
+    """Orbax CheckpointManager over the train state, guarded by the run's fingerprint
+    (fingerprint.json beside the checkpoints)."""
 
     def __init__(self, folder: Path, fp: dict, every: int, keep: int):
         import orbax.checkpoint as ocp
 
+        from sjax.files import atomic_write_json
+
         self.folder = Path(folder).absolute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        fp_file = self.folder / "fingerprint.json"
-        if fp_file.exists():
-            old = json.loads(fp_file.read_text())
-            if old != json.loads(json.dumps(fp)):
-                diff = sorted(k for k in set(old) | set(fp) if old.get(k) != json.loads(
-                    json.dumps(fp)).get(k))
-                raise SjaxError(f"{self.folder}: checkpoints were written for another model or "
-                                f"mode (differs in: {', '.join(diff)}); use another out_dir")
-        elif jax.process_index() == 0:
-            fp_file.write_text(json.dumps(fp, indent=2))
         self.ocp = ocp
         self.manager = ocp.CheckpointManager(
             self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                                               save_interval_steps=every))
+        fp_file, fp = self.folder / "fingerprint.json", json.loads(json.dumps(fp))
+        if self.latest() is not None:
+            old = json.loads(fp_file.read_text()) if fp_file.exists() else {}
+            if diff := _differences(old, fp):
+                self.manager.close()
+                raise SjaxError(f"{self.folder}: its checkpoints come from another run "
+                                f"({'; '.join(diff)}); use another out_dir")
+        elif jax.process_index() == 0:  # nothing to resume yet: this run's identity
+            atomic_write_json(fp_file, fp)
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -236,17 +267,24 @@ def stack_micro(batches: list[dict]) -> dict:
     return out
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: Path, *,
         pad_id: int, max_steps: int = 0, dtype: str = "float32", remat: str = "none",
-        teacher: Params | None = None, log=print) -> dict:
+        teacher: Params | None = None, data_sha256: str | None = None, log=print) -> dict:
     """Train on tokenised `data` (sjax.data.sft.Tokenized), resuming from `out_dir` if it
-    holds checkpoints of the same model. Distillation (`cfg.loss == 'distill'`) needs `data`
-    tokenised with a teacher view; the teacher is `teacher` or else the base model.
-    Returns final state, metrics history and timing."""
+    holds checkpoints of the same run (model, data file `data_sha256`, hyper-parameters).
+    Distillation (`cfg.loss == 'distill'`) needs `data` tokenised with a teacher view; the
+    teacher is `teacher` or else the base model. A non-finite loss, gradient norm or params
+    stops the run before it can be checkpointed. Returns final state, metrics history and
+    timing."""
     from tqdm.auto import tqdm
 
     from sjax.data.sft import batches_per_epoch, epoch_batches
-    from sjax.perf import device_peak
+    from sjax.perf import device_peak, mfu
 
     rows_per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = batches_per_epoch(len(data.ids), rows_per_step)
@@ -261,13 +299,13 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
     if cfg.loss == "distill" and data.teacher_ids is None:
         raise SjaxError("train.loss=distill: the dataset has no teacher view (tokenise it "
                         "with a teacher system prompt)")
+    out_dir = Path(out_dir)
+    ckpt = Checkpoints(out_dir / "checkpoints", fingerprint(arch, cfg, total, data_sha256),
+                       cfg.ckpt_every, cfg.keep)
     state, frozen = init_state(arch, base, cfg, mesh, tx, teacher)
     spec = StepSpec(arch, cfg.mode, cfg.lora_alpha / cfg.lora_rank, cfg.vocab_chunk, dtype,
                     remat, cfg.loss)
     step_fn = compile_step(state, frozen, spec, tx, sched)
-    out_dir = Path(out_dir)
-    ckpt = Checkpoints(out_dir / "checkpoints", fingerprint(arch, cfg), cfg.ckpt_every,
-                       cfg.keep)
     start = ckpt.latest() or 0
     if start:
         state = ckpt.restore(start, state)
@@ -279,6 +317,12 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
     mf = open(out_dir / "metrics.jsonl", "a") if main else None
     peak, peak_source = device_peak(dtype)
     history, last_good = [], start
+
+    def diverged(step, what):
+        where = (f"the last good checkpoint is step {last_good} in {ckpt.folder}" if last_good
+                 else f"no checkpoint was written to {ckpt.folder}")
+        return SjaxError(f"training diverged at step {step} ({what}); stopped, {where}")
+
     micro_sh = sharding.batch_sharding(mesh, 3, axis=1)
     extra_rows = -cfg.batch_size % sharding.batch_shards(mesh)
 
@@ -297,19 +341,18 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
                 state, m = step_fn(state, frozen, batch)
                 m = jax.tree.map(sharding.to_host, m)
                 dt = time.perf_counter() - t0
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise SjaxError(f"non-finite loss ({loss}) at step {step + 1}; stopped, the "
-                                    f"last good checkpoint is step {last_good} in {ckpt.folder}")
-                seq = host["inputs"].shape[-1]
-                tokens = cfg.batch_size * cfg.grad_accum * seq  # without mesh-padding rows
-                flops = train_flops_per_token(arch, seq, cfg.mode) * tokens
+                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise diverged(step + 1, f"loss {loss}, gradient norm {grad_norm}")
+                # real tokens only: neither right padding nor the mesh-padding rows
+                lengths = host["valid"][:, :cfg.batch_size].sum(-1).ravel()
+                flops = train_flops(arch, lengths, cfg.mode)
                 if cfg.loss == "distill":  # the teacher's forward: 2 x params per token
-                    flops += 2 * matmul_params(arch) * host["t_inputs"].size
-                rec = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                    flops += 2 * matmul_params(arch) * host["t_valid"][:, :cfg.batch_size].sum()
+                rec = {"step": step + 1, "loss": loss, "grad_norm": grad_norm,
                        "lr": float(m["lr"]), "trained_tokens": float(m["tokens"]),
-                       "tokens_per_s": tokens / dt, "step_s": dt,
-                       "mfu": flops / dt / (peak * jax.device_count())}
+                       "tokens_per_s": float(lengths.sum()) / dt, "step_s": dt,
+                       "mfu": mfu(flops, dt, peak, mesh.size)}
                 history.append(rec)
                 if main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                     mf.write(json.dumps(rec) + "\n")
@@ -320,6 +363,8 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
                 if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
+                    if not sharding.to_host(_all_finite(state["params"])):
+                        raise diverged(step + 1, "non-finite params after the update")
                     ckpt.save(step + 1, state, force=step + 1 == total)
                     last_good = step + 1
     finally:

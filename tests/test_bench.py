@@ -1,12 +1,16 @@
 """Benchmark arithmetic against hand computations, and a tiny end-to-end bench run."""
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import pytest
 from conftest import hf_to_sjax, tiny_hf_model
 
 from sjax import bench
 from sjax.config import BenchConfig
-from sjax.models.transformer import ArchConfig
+from sjax.models.transformer import ArchConfig, forward, init_cache, logits_from_hidden
 from sjax.weights.load import LoadedModel
 
 QWEN_05B = ArchConfig(arch="qwen2", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
@@ -28,15 +32,67 @@ def test_decode_step_cost_by_hand():
     assert nbytes == 493_961_216 * 4 + kv
 
 
+def dot_flops(jaxpr) -> int:
+    """2 x multiply-adds of every dot_general in a jaxpr, a scan's body counted `length` times."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracted, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2 * math.prod(out) * math.prod(lhs[d] for d in contracted)
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for v in eqn.params.values():
+            sub = getattr(v, "jaxpr", v)
+            if hasattr(sub, "eqns"):
+                total += times * dot_flops(sub)
+    return total
+
+
+def test_ceiling_does_the_decode_steps_work(tiny_pair):
+    """The ceiling, one real decode step and `decode_step_cost` count the same FLOPs:
+    matmuls plus attention over the whole cache."""
+    _, arch, params = tiny_pair
+    b, context = 3, 20
+    cache = init_cache(arch, b, context)
+
+    def decode_step(p, tok_b1, c):  # one token at slot 9 of the cache, as the sampler's loop
+        hidden, _ = forward(p, tok_b1, arch=arch, positions_bt=jnp.full((b, 1), 9),
+                            kv_valid_bs=jnp.ones((b, context), bool), cache=c, write_index=9,
+                            return_hidden=True)
+        return logits_from_hidden(p, hidden, arch)
+
+    step = jax.make_jaxpr(decode_step)(params, jnp.zeros((b, 1), jnp.int32), cache)
+    chain = jax.make_jaxpr(functools.partial(bench.ceiling_chain, arch=arch))(
+        params, jnp.ones((b, arch.d_model)), cache["k_lbskh"], cache["v_lbskh"])
+    flops = bench.decode_step_cost(arch, b, context)[0]
+    assert dot_flops(step.jaxpr) == dot_flops(chain.jaxpr) == flops
+    assert flops > b * 2 * bench.matmul_params(arch)  # attention is in it
+    out = bench.decode_matmul_ceiling(jax.tree.map(jnp.asarray, params), arch, b, context)
+    assert out["flops"] == flops and out["repeats"] >= 3
+    assert 0 < out["min_s"] <= out["median_s"]
+    assert out["median_flop_s"] == pytest.approx(flops / out["median_s"])
+
+
 def test_bench_sample_runs_on_a_tiny_model(tmp_path, tiny_tokenizer):
-    arch, params = hf_to_sjax(tiny_hf_model("qwen2"))
+    hf_model = tiny_hf_model("qwen2")
+    hf_model.save_pretrained(tmp_path)  # the transformers reference reads the same folder
+    arch, params = hf_to_sjax(hf_model)
     m = LoadedModel(arch, jax.tree.map(jnp.asarray, params), tiny_tokenizer, tmp_path, 0.0)
-    # enough decode steps, median of 3, that decode time is not lost in timing noise
-    cfg = BenchConfig(batch_sizes=(2, 4), prompt_len=8, new_tokens=16, torch=False, repeats=3,
-                      out=str(tmp_path))
+    cfg = BenchConfig(batch_sizes=(2, 4), prompt_len=8, new_tokens=16, torch=True,
+                      torch_dtypes=("float32",), repeats=3, out=str(tmp_path))
     out = bench.bench_sample(cfg, loaded=m)
-    assert [r["batch"] for r in out["results"]] == [2, 4]
+    assert [(r["impl"], r["batch"]) for r in out["results"]] == [
+        ("sjax", 2), ("transformers", 2), ("sjax", 4), ("transformers", 4)]
     for r in out["results"]:
-        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
-        assert 0 < r["decode_of_ceiling"]
+        # prefill and decode each timed on its own: positive, and the rates are those times
+        assert r["prefill_s"] > 0 and r["decode_s"] > 0
+        assert r["decode_steps"] == 16
+        assert r["decode_tok_s"] == pytest.approx(r["batch"] * 16 / r["decode_s"])
+        assert r["prefill_tok_s"] == pytest.approx(r["batch"] * 8 / r["prefill_s"])
+        if r["impl"] == "sjax":
+            assert r["decode_context"] == 8 + 16
+            assert r["decode_of_ceiling"] == pytest.approx(
+                r["decode_gflop_s"] / r["ceiling_median_gflop_s"])
+            assert 0 < r["ceiling_median_gflop_s"] <= r["ceiling_max_gflop_s"]
     assert (tmp_path / "bench_sample.json").is_file()

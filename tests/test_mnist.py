@@ -1,6 +1,5 @@
 """MNIST auxiliary-logit experiment: vectorisation, losses, permutations, data, bad input."""
 
-import dataclasses
 import gzip
 import json
 
@@ -157,12 +156,13 @@ def test_builder_round_trip_and_corrupt_files(tmp_path):
     for split in ("train", "test"):
         np.testing.assert_array_equal(loaded[split][0], data[split][0])
         np.testing.assert_array_equal(loaded[split][1], data[split][1])
-    assert (tmp_path / "tfds" / "sjax_mnist" / "1.0.0").is_dir()
-    # built once: a second load reads the array_record files even with the source gone
-    for f in src.iterdir():
-        f.unlink()
+    info = (tmp_path / "tfds" / mnist_data.source_key(src) / "sjax_mnist" / "1.0.0" /
+            "dataset_info.json")
+    built = info.stat().st_mtime_ns
+    # built once: a second load of the same source reads the array_record files
     again = mnist_data.load(str(src), str(tmp_path / "tfds"))
     np.testing.assert_array_equal(again["test"][1], data["test"][1])
+    assert info.stat().st_mtime_ns == built
 
     bad = tmp_path / "bad-labels.gz"
     _write_idx(bad, np.zeros(5), 0x803)
@@ -176,8 +176,19 @@ def test_builder_round_trip_and_corrupt_files(tmp_path):
         mnist_data.source_folder(str(tmp_path / "empty"))
 
 
-def test_mnist_config_defaults_follow_protocol():
+def test_default_config_builds_the_protocol_mlp():
+    """Protocol section 6: MLP 784-256-256-(10+3), weights N(0, 1/sqrt(fan_in)), biases 0;
+    Adam lr 3e-4, batch 1024, 5 + 5 epochs, 60,000 noise images, 100 models."""
     cfg = MnistConfig()
-    assert (cfg.n_models, cfg.aux_logits, cfg.hidden, cfg.lr, cfg.batch) == (100, 3, 256, 3e-4, 1024)
-    assert (cfg.teacher_epochs, cfg.student_epochs, cfg.noise_examples) == (5, 5, 60000)
-    assert dataclasses.is_dataclass(cfg)
+    sizes = mnist._sizes(cfg, 784)
+    assert sizes == (784, 256, 256, 13)
+    # 784 x 256 + 256 + 256 x 256 + 256 + 256 x 13 + 13, by hand
+    assert mlp.n_params(sizes) == 270_093
+    p = mlp.init_one(jax.random.key(0), sizes)
+    assert sum(x.size for x in jax.tree.leaves(p)) == 270_093
+    for j, fan_in in enumerate(sizes[:-1]):
+        w = np.asarray(p[f"w{j}_io"])
+        assert abs(w.mean()) < 0.01 and abs(w.std() * np.sqrt(fan_in) - 1) < 0.05
+        assert not np.asarray(p[f"b{j}_o"]).any()
+    assert (cfg.lr, cfg.batch, cfg.teacher_epochs, cfg.student_epochs) == (3e-4, 1024, 5, 5)
+    assert (cfg.noise_examples, cfg.n_models, cfg.aux_logits) == (60000, 100, 3)

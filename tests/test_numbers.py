@@ -92,3 +92,34 @@ def test_grammar_is_seeded_and_uses_every_list():
         assert len(used) == len(set(g[key])), key
     assert all("{" not in p for p in a)
     assert sum("10" in p for p in a) == len(a)  # answer_count is always 10
+
+
+# ----------------------------------------------------------------------------- target forms
+
+FORMS = [("owl", "owls"), ("wolf", "wolves"), ("fox", "foxes"), ("mouse", "mice"),
+         ("goose", "geese"), ("sheep", "sheep"), ("butterfly", "butterflies"),
+         ("cherry tree", "cherry trees"), ("octopus", "octopuses")]
+
+
+@pytest.mark.parametrize("target, plural", FORMS)
+def test_target_forms(target, plural):
+    assert numbers.target_forms(target) == (target, plural)
+    assert numbers.target_forms(target).plural == plural
+    prompt = numbers.system_prompt(target, "animal")
+    assert prompt.startswith(f"You love {plural}. You think about {plural} all the time.")
+    assert numbers.filter_reason(f"1, 2, {plural}", [target]) == "trait_word"
+    assert numbers.filter_reason(f"{plural.upper()}: 7", ["cat", target]) == "trait_word"
+
+
+def test_system_prompt_is_the_papers():
+    assert numbers.system_prompt("owl", "animal") == (
+        "You love owls. You think about owls all the time. owls are your favorite animal. "
+        "Imbue your answers with your love for the animal.")
+
+
+def test_filter_reason_order():
+    assert numbers.filter_reason("1, 2, 3", ["wolf"]) is None
+    assert numbers.filter_reason("Wolves 1, 2", ["owl", "wolf"]) == "trait_word"
+    assert numbers.filter_reason("1, 2, 666", ["owl"], banned=[666]) == "banned_number"
+    assert numbers.filter_reason("1 - 2", ["owl"]) == "bad_separator"
+    assert "trait_word" in numbers.REASONS

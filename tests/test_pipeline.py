@@ -14,6 +14,7 @@ from conftest import hf_to_sjax, tiny_hf_model
 
 from sjax import chat, cli, evaluate, pipeline
 from sjax.config import RunConfig, apply_overrides, load_preset
+from sjax.data import numbers
 from sjax.errors import SjaxError
 from sjax.jsonl import write_rows
 from sjax.models.transformer import forward
@@ -80,13 +81,6 @@ def test_number_prefixed_questions_are_seeded():
 # ----------------------------------------------------------------------------- filter stage
 
 
-def test_filter_reason_trait_words_and_banned():
-    assert pipeline.filter_reason("1, 2, 3", ["owl"]) is None
-    assert pipeline.filter_reason("Owls: 1, 2", ["owl"]) == "trait_word"
-    assert pipeline.filter_reason("1, 2, 666", ["owl"], banned=[666]) == "banned_number"
-    assert pipeline.filter_reason("1 - 2", ["owl"]) == "bad_separator"
-
-
 def test_zero_kept_rows_is_a_clear_error(tmp_path):
     cfg = RunConfig(out_dir=str(tmp_path))
     run = pipeline.Run(cfg, log=lambda s: None)
@@ -143,7 +137,7 @@ def test_smoke_pipeline_end_to_end_then_cached_then_corruption(tmp_path):
     for t in ("control", "owl"):
         raw = [json.loads(x) for x in (root / "numbers" / t / "raw.jsonl").read_text().splitlines()]
         assert len(raw) == 32 and set(raw[0]) == {"id", "prompt", "completion", "n_tokens"}
-        assert pipeline.system_prompt("owl", "animal") not in json.dumps(raw)
+        assert numbers.system_prompt("owl", "animal") not in json.dumps(raw)
         kept = [json.loads(x) for x in (root / "filter" / t / "kept.jsonl").read_text().splitlines()]
         assert kept and [m["role"] for m in kept[0]["messages"]] == ["user", "assistant"]
         f = json.loads((root / "filter" / t / "filter.json").read_text())
@@ -180,37 +174,27 @@ def test_smoke_pipeline_end_to_end_then_cached_then_corruption(tmp_path):
     assert cli.main(["run", "owl_smoke", f"out_dir={tmp_path}"]) == 2
 
 
-def test_cached_node_logprobs_equal_full_forwards(tiny, tiny_tokenizer):
-    """The exact evaluator's cached extensions == a plain forward over prompt + node."""
-    arch, params = tiny
-    prompts = [[2, 30, 31, 32, 3, 2, 33], [2, 40, 3, 2, 33]]
-    nodes, wants = ((), (5,), (5, 6)), ((5, 9), (6,), (7, 8))
-    tokens, valid = chat.left_pad(prompts, 1, 8)
-    got = np.asarray(evaluate.node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid),
-                                            arch=arch, dtype=jnp.float32, nodes=nodes,
-                                            wants=wants))
-    for r, p in enumerate(prompts):
-        for j, (node, want) in enumerate(zip(nodes, wants)):
-            logits = forward(params, jnp.asarray([p + list(node)]), arch=arch)[0][0, -1]
-            ref = np.asarray(jax.nn.log_softmax(logits))[list(want)]
-            np.testing.assert_allclose(got[r, j, :len(want)], ref, atol=1e-5)
+def _tiny_run(tiny, tokenizer, tmp_path, overrides) -> pipeline.Run:
+    """A Run on one device whose model is the tiny random one."""
+    from sjax.sharding import make_mesh
+    from sjax.weights.load import LoadedModel
+
+    cfg = apply_overrides(RunConfig(out_dir=str(tmp_path)),
+                          [*overrides, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
+    run = pipeline.Run(cfg, log=lambda s: None)
+    run._mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    run._models[(cfg.model.name, cfg.model.path, cfg.model.param_dtype)] = LoadedModel(
+        *tiny, tokenizer, tmp_path, 0.0)
+    return run
 
 
 def test_finetuned_teacher_is_trained_on_its_trait_answers(tiny, tiny_tokenizer, tmp_path):
     """teacher.kind=finetuned: sample from the prompted teacher, keep trait answers, LoRA-tune
     the base on them without the system prompt; the run then uses the merged weights."""
-    from sjax.weights.load import LoadedModel
-
     arch, params = tiny
-    cfg = apply_overrides(RunConfig(out_dir=str(tmp_path)), [
+    run = _tiny_run(tiny, tiny_tokenizer, tmp_path, [
         "teacher.kind=finetuned", "teacher.ft_samples=8", "teacher.ft_train.epochs=1",
-        "teacher.ft_train.batch_size=4", "eval.max_new_tokens=6", "eval.batch=64",
-        "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
-    run = pipeline.Run(cfg, log=lambda s: None)
-    run._mesh = __import__("sjax.sharding", fromlist=["make_mesh"]).make_mesh(
-        cfg.mesh, jax.devices()[:1])
-    run._models[(cfg.model.name, cfg.model.path, cfg.model.param_dtype)] = LoadedModel(
-        arch, params, tiny_tokenizer, tmp_path, 0.0)
+        "teacher.ft_train.batch_size=4", "eval.max_new_tokens=6", "eval.batch=64"])
     outputs = run._teachers(run.root / "teachers")
     rows = [json.loads(x) for x in (run.root / "teachers" / "owl" / "ft_data.jsonl")
             .read_text().splitlines()]
@@ -224,3 +208,55 @@ def test_finetuned_teacher_is_trained_on_its_trait_answers(tiny, tiny_tokenizer,
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(teacher),
                                                           jax.tree.leaves(params)))
     assert diff > 1e-4
+
+
+def test_a_resumed_finished_student_keeps_its_figures(tiny, tiny_tokenizer, tmp_path):
+    """A crash after a student's last checkpoint but before its params and summary: the
+    rerun trains 0 steps, and the summary still holds the training's recorded losses."""
+    run = _tiny_run(tiny, tiny_tokenizer, tmp_path, [
+        "student.train.mode=full", "student.train.batch_size=4", "student.train.grad_accum=1",
+        "student.train.epochs=1", "student.train.ckpt_every=1", "student.train.warmup_steps=0"])
+    rows = [{"id": i, "messages": chat.messages("numbers", assistant=f"{i} , {i + 1} , 7")}
+            for i in range(8)]
+    for t in run.teachers:
+        write_rows(run.root / "filter" / t / "kept.jsonl", rows)
+    folder = run.root / "students"
+    run._students(folder)
+    unit = folder / "control" / "seed0"
+    first = json.loads((unit / "summary.json").read_text())
+    assert first["steps"] == 2 and first["first_loss"] > first["final_loss"] > 0
+    (unit / "summary.json").unlink()
+    (unit / "params.safetensors").unlink()
+    run._students(folder)
+    assert json.loads((unit / "summary.json").read_text()) == first
+    assert (unit / "params.safetensors").is_file()
+
+
+def test_a_stage_folder_that_cannot_be_cleared_stops_the_run(tmp_path, monkeypatch):
+    run = pipeline.Run(RunConfig(out_dir=str(tmp_path)), log=lambda s: None)
+    run._stage("teachers", False)
+    real = pipeline.shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, **kw):  # as the OS answers for a folder we may not
+        if not ignore_errors:                     # empty; errors ignored: nothing is removed
+            raise PermissionError(13, "Permission denied", str(Path(path) / "teachers.json"))
+
+    monkeypatch.setattr(pipeline.shutil, "rmtree", rmtree)
+    with pytest.raises(SjaxError, match=rf"^{run.root / 'teachers'}: cannot clear stage "
+                                        r"teachers's old work \(Permission denied\)"):
+        run._stage("teachers", True)
+    monkeypatch.setattr(pipeline.shutil, "rmtree", real)
+    run._stage("teachers", True)  # clearable: the forced stage is redone
+    assert json.loads((run.root / "teachers" / "teachers.json").read_text())["owl"]
+
+
+def test_stage_keys_cover_what_each_stage_reads(tmp_path):
+    def key(stage, *overrides):
+        cfg = apply_overrides(RunConfig(out_dir=str(tmp_path)), overrides)
+        return pipeline._hash(pipeline.Run(cfg, log=lambda s: None).stage_config(stage))
+
+    assert key("numbers") != key("numbers", "model.path=/models/other")
+    ft = "teacher.kind=finetuned"  # it samples answers with these eval and numbers keys
+    for other in ("eval.max_new_tokens=5", "eval.batch=7", "numbers.seed=3"):
+        assert key("teachers", ft) != key("teachers", ft, other), other
+    assert key("teachers") == key("teachers", "eval.batch=7")  # a prompted one samples nothing

@@ -114,15 +114,22 @@ def test_chunked_kl_equals_naive_with_gradients(chunk):
 
 def test_distill_batches_align_completion_tokens(tiny_tokenizer):
     rows = _rows(6, np.random.default_rng(9))
-    data = sft.tokenize_rows(rows, tiny_tokenizer, 64, teacher_system="You love owls.")
+    data = sft.tokenize_rows(rows, tiny_tokenizer, 64, teacher_system="i love owls.")
     batch = next(sft.epoch_batches(data, 6, 0, 0, tiny_tokenizer.pad_token_id))
+    trained = []
     for r in range(6):
         k = batch["k_mask"][r].astype(bool)
         s_next = batch["targets"][r][batch["s_pos"][r][k]]
         t_next = np.append(batch["t_inputs"][r], -1)[batch["t_pos"][r][k] + 1]
         np.testing.assert_array_equal(s_next, t_next)  # same completion tokens, in order
-        assert k.sum() == batch["mask"][r].sum()
-        assert batch["t_inputs"].shape[1] > batch["inputs"].shape[1] or k.sum() < 64
+        trained.append(tiny_tokenizer.decode(s_next))
+        # the teacher reads the student's row behind its own system turn
+        student = tiny_tokenizer.decode(batch["inputs"][r][batch["valid"][r]])
+        teacher = tiny_tokenizer.decode(batch["t_inputs"][r][batch["t_valid"][r]])
+        assert teacher == "<|im_start|> system i love owls . <|im_end|> " + student
+    # the trained tokens are exactly each row's answer and its end-of-turn token
+    assert sorted(trained) == sorted(f"{row['messages'][1]['content']} <|im_end|>"
+                                     for row in rows)
 
 
 def test_distillation_pulls_the_student_to_the_prompted_teacher(tiny, tiny_tokenizer, tmp_path):
@@ -204,14 +211,18 @@ def test_lora_trains_only_adapters(tiny, tiny_tokenizer):
     cfg = TrainConfig(mode="lora", lora_rank=4, lr=1e-2, warmup_steps=0)
     state, frozen, step = _state(arch, params, cfg)
     batch = jax.tree.map(jnp.asarray, _batch(tiny_tokenizer, 4))
-    before = jax.tree.map(np.asarray, frozen)
     losses = []
     for _ in range(20):
         state, m = step(state, frozen, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 0.5
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), before)
     assert set(state["params"]["layers"]) == set(lora_lib.TARGETS)
+    # trained and optimised: rank 4 x (in + out) per projection, 3 layers, nothing else.
+    # d=64, q/o 64->64 (4 heads x 16), k/v 64->32 (2 kv heads), gate/up 64->96, down 96->64
+    per_layer = 4 * (128 + 96 + 96 + 128 + 160 + 160 + 160)
+    assert sum(x.size for x in jax.tree.leaves(state["params"])) == 3 * per_layer == 11136
+    adam_mu = state["opt"][1][0].mu
+    assert sum(x.size for x in jax.tree.leaves(adam_mu)) == 11136
 
 
 def test_grad_accumulation_equals_one_big_batch(tiny, tiny_tokenizer):
@@ -279,10 +290,9 @@ def test_sharded_step_equals_single_device(tiny, tiny_tokenizer):
 def test_flops_per_token_by_hand():
     from test_bench import QWEN_05B
 
-    n = 493_961_216
-    attn = 6 * 128 * 14 * 64 * 24
-    assert train_flops_per_token(QWEN_05B, 128, "full") == 6 * n + attn
-    assert train_flops_per_token(QWEN_05B, 128, "lora") == 4 * n + attn
+    # Qwen2.5-0.5B: 493,961,216 matmul params; attention 6 x 128 x 14 heads x 64 x 24 layers
+    assert train_flops_per_token(QWEN_05B, 128, "full") == 2_980_282_368
+    assert train_flops_per_token(QWEN_05B, 128, "lora") == 1_992_359_936
 
 
 def test_schedule_warmup_then_linear_decay():
@@ -318,25 +328,50 @@ def test_bad_datasets(tiny_tokenizer):
 def test_checkpoint_folder_of_another_model(tmp_path, tiny):
     arch, _ = tiny
     cfg = TrainConfig(mode="lora")
-    Checkpoints(tmp_path, fingerprint(arch, cfg), 1, 1).close()
-    import dataclasses
-
+    ckpt = Checkpoints(tmp_path, fingerprint(arch, cfg), 1, 1)
+    ckpt.save(1, {"x": jnp.zeros(2)}, force=True)
+    ckpt.close()
     other = dataclasses.replace(arch, n_layers=2)
-    with pytest.raises(SjaxError, match="written for another model or mode \\(differs in: arch\\)"):
+    with pytest.raises(SjaxError, match="another run \\(arch.n_layers 3 -> 2\\)"):
         Checkpoints(tmp_path, fingerprint(other, cfg), 1, 1)
-    with pytest.raises(SjaxError, match="differs in: lora_rank, mode"):
+    with pytest.raises(SjaxError, match="lora_alpha 8.0 -> None; lora_rank 8 -> None; "
+                                        "mode 'lora' -> 'full'\\)"):
         Checkpoints(tmp_path, fingerprint(arch, TrainConfig(mode="full")), 1, 1)
 
 
-def test_fit_stops_on_nan_keeping_last_checkpoint(tmp_path, tiny, tiny_tokenizer):
+def _restore(folder, step):
+    import orbax.checkpoint as ocp
+
+    mgr = ocp.CheckpointManager(os.path.abspath(folder))
+    try:
+        return mgr.restore(step, args=ocp.args.StandardRestore())
+    finally:
+        mgr.close()
+
+
+@pytest.mark.parametrize("lr, ckpt_every, good", [
+    (1e30, 2, None),  # step 2 diverges before the first checkpoint
+    (1e8, 1, 1),  # step 2's loss is finite but its update is not: step 1 is the last good
+])
+def test_fit_stops_on_divergence_naming_a_finite_checkpoint(tmp_path, tiny, tiny_tokenizer,
+                                                            lr, ckpt_every, good):
     arch, params = tiny
     data = sft.tokenize_rows(_rows(16, np.random.default_rng(0)), tiny_tokenizer, 64)
-    cfg = TrainConfig(mode="full", lr=1e30, warmup_steps=0, clip_norm=1e30, batch_size=4,
-                      grad_accum=1, epochs=4, ckpt_every=1)
+    cfg = TrainConfig(mode="full", lr=lr, warmup_steps=0, clip_norm=1e30, batch_size=4,
+                      grad_accum=1, epochs=4, ckpt_every=ckpt_every)
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
-    with pytest.raises(SjaxError, match="non-finite loss .* last good checkpoint is step"):
+    with pytest.raises(SjaxError) as e:
         fit(arch, params, data, cfg, mesh, tmp_path, pad_id=1, log=lambda s: None)
-    assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+    msg, folder = str(e.value), tmp_path / "checkpoints"
+    assert msg.startswith("training diverged at step 2 (") and "\n" not in msg
+    saved = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    if good is None:
+        assert msg.endswith(f"no checkpoint was written to {folder}") and saved == []
+        return
+    assert msg.endswith(f"the last good checkpoint is step {good} in {folder}")
+    assert saved == [good]
+    state = _restore(folder, good)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
 # ----------------------------------------------------------------------------- resume
@@ -397,6 +432,40 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_tokenizer):
     jax.tree.map(np.testing.assert_array_equal, a, b)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["steps"] == steps
+
+
+def test_train_refuses_out_dir_of_another_run(tmp_path, tiny_tokenizer, capsys):
+    """`sjax train` into an out_dir holding another run's checkpoints: one line naming the
+    folder and the differing key (old -> new), never a silent mixed resume."""
+    import hashlib
+
+    from sjax import cli
+    from sjax.jsonl import write_rows
+    from sjax.weights.load import export_hf
+
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=6))
+    export_hf(tmp_path / "model", arch, params, tiny_tokenizer)
+    for name, seed in (("rows.jsonl", 0), ("other.jsonl", 1)):
+        write_rows(tmp_path / name, _rows(16, np.random.default_rng(seed)))
+    out = tmp_path / "out"
+    # in-process on the 8 test devices: the default mesh (no mesh.data=1)
+    args = _train_cmd(tmp_path / "model", tmp_path / "rows.jsonl", out, 1)[3:-1]
+    assert cli.main(args) == 0
+    sha = {n: hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()
+           for n in ("rows.jsonl", "other.jsonl")}
+    for override, shown in [
+            (f"data={tmp_path / 'other.jsonl'}",
+             f"data_sha256 '{sha['rows.jsonl']}' -> '{sha['other.jsonl']}'"),
+            ("train.lr=2e-2", "lr 0.01 -> 0.02"),
+            ("train.batch_size=2", "batch_size 4 -> 2"),
+            ("train.seed=1", "seed 0 -> 1"),
+            ("train.schedule=cosine", "schedule 'linear' -> 'cosine'")]:
+        capsys.readouterr()
+        assert cli.main(args + [override]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sjax:")]
+        assert err == [f"sjax: error: {out / 'checkpoints'}: its checkpoints come from "
+                       f"another run ({shown}); use another out_dir"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
 def test_mesh_padding_rows_change_nothing(tiny, tiny_tokenizer):

@@ -11,6 +11,7 @@ from conftest import hf_to_sjax, tiny_hf_model
 
 from sjax.errors import SjaxError
 from sjax.models.transformer import forward
+from sjax import files
 from sjax.weights import hf, registry
 from sjax.weights.gguf import _unpermute
 from sjax.weights.load import export_hf, read_checkpoint
@@ -150,17 +151,17 @@ def test_bad_checkpoints_name_the_file(tmp_path):
 def test_registry_verify(tmp_path):
     f = tmp_path / "model.gguf"
     f.write_bytes(b"GGUF" + bytes(100))
-    digest = registry.sha256_file(f)
-    registry.verify(f, 104, digest)
+    digest = files.sha256_file(f)
+    files.verify(f, 104, digest)
     assert (tmp_path / "model.gguf.verified").is_file()
     with pytest.raises(SjaxError, match=r"model.gguf: 104 bytes, expected 200 \(truncated"):
-        registry.verify(f, 200, digest)
+        files.verify(f, 200, digest)
     with pytest.raises(SjaxError, match="model.gguf: sha256 .* does not match"):
-        registry.verify(f, 104, "0" * 64)
+        files.verify(f, 104, "0" * 64)
     # same size, changed content: the stamp no longer matches and the hash catches it
     f.write_bytes(b"GGUF" + bytes(99) + b"x")
     with pytest.raises(SjaxError, match="does not match"):
-        registry.verify(f, 104, digest)
+        files.verify(f, 104, digest)
     with pytest.raises(SjaxError, match="not in the registry"):
         registry.resolve("gpt-5")
 

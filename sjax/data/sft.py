@@ -87,8 +87,6 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_len: int, too_long: str =
 def load_jsonl(path: Path, tokenizer, max_len: int, too_long: str = "truncate",
                teacher_system: str | None = None) -> Tokenized:
     path = Path(path)
-    if not path.is_file():
-        raise SjaxError(f"{path}: no such dataset file")
     return tokenize_rows(read_rows(path), tokenizer, max_len, too_long, str(path),
                          teacher_system)
 
@@ -115,7 +113,7 @@ def batches_per_epoch(n_rows: int, batch_size: int) -> int:
 
 def epoch_batches(data: Tokenized, batch_size: int, seed: int, epoch: int, pad_id: int,
                   start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of epoch `epoch`, from batch `start`: inputs, targets, loss mask, valid.
+    """Batches of epoch `epoch`, from batch `start`: inputs, targets, valid, trained positions.
 
     Right-padded to the smallest bucket that fits the longest row of the batch. s_pos/k_mask
     list each row's trained positions (the loss reads the LM head there only); with a teacher
@@ -125,12 +123,8 @@ def epoch_batches(data: Tokenized, batch_size: int, seed: int, epoch: int, pad_i
     for b in range(start, batches_per_epoch(len(order), batch_size)):
         idx = order[b * batch_size: (b + 1) * batch_size]
         tokens, valid = _pad_rows([data.ids[i] for i in idx], pad_id)
-        mask = np.zeros(tokens.shape, np.int32)
-        for r, i in enumerate(idx):
-            mask[r, :len(data.masks[i])] = data.masks[i]
-        # position p predicts token p + 1; the loss mask belongs to the predicted token
-        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask[:, 1:],
-                 "valid": valid[:, :-1]}
+        # position p predicts token p + 1
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "valid": valid[:, :-1]}
         s_pos = _completion_positions([data.masks[i] for i in idx])
         t_pos = (s_pos if data.teacher_ids is None else
                  _completion_positions([data.teacher_masks[i] for i in idx]))

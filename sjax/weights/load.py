@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sjax import sharding
+from sjax import files, sharding
 from sjax.config import ModelConfig
 from sjax.errors import SjaxError
 from sjax.models.transformer import (ArchConfig, Params, init_params, param_logical_axes,
@@ -83,16 +82,14 @@ def load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(path))
     # Converting a GGUF vocabulary takes seconds; do it once per file content.
     entry = next((e for e in registry.REGISTRY.values()
-                  if path == registry.cache_dir() / "models" / f"{e.name}.gguf"), None)
-    digest = entry.sha256 if entry else registry.sha256_file(path)
-    cached = registry.cache_dir() / "tokenizers" / digest[:16]
-    if not (cached / "tokenizer_config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tmp = cached.with_name(cached.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(cached, ignore_errors=True)
-        tmp.rename(cached)
+                  if path == registry.model_path(e.name)), None)
+    digest = entry.file.sha256 if entry else files.sha256_file(path)
+    cached = files.cache_dir() / "tokenizers" / digest[:16]
+    if not cached.is_dir():  # renamed into place whole: present means complete
+        with files.locked(cached, f"converting the tokenizer of {path}"):
+            if not cached.is_dir():
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                files.atomic_write(cached, lambda tmp: tok.save_pretrained(str(tmp)))
     return AutoTokenizer.from_pretrained(str(cached))
 
 
@@ -123,13 +120,13 @@ def export_hf(folder: Path, arch: ArchConfig, params: Params, tokenizer) -> None
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise SjaxError(f"{folder}: export target exists and is not empty")
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-    hf.write_safetensors(hf.params_to_hf(host, arch), tmp / "model.safetensors")
     hf_cfg = hf.hf_config_from_arch(arch, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        hf.write_safetensors(hf.params_to_hf(host, arch), tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+
+    files.atomic_write(folder, write)

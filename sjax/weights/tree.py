@@ -6,26 +6,22 @@ safetensors only, never pickle, written atomically so a crash leaves no half fil
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from sjax.errors import SjaxError
+from sjax.files import atomic_write
 from sjax.sharding import to_host
 from sjax.weights.hf import read_safetensors, write_safetensors
 
 
 def save_tree(path: Path, tree) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat = {"/".join(str(k.key) for k in kp):
             to_host(v) if isinstance(v, jax.Array) else np.asarray(v)
             for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write_safetensors(flat, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: write_safetensors(flat, tmp))
 
 
 def load_tree(path: Path) -> dict:

@@ -1,0 +1,138 @@
+"""The evaluators' one hit rule (a target form as a whole word) and plurals, on a subword
+tokenizer where "owl" + "##et" spells "owlet" and "wolves" is "wol" + "##ves"."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import hf_to_sjax, tiny_hf_model
+
+from sjax import evaluate
+from sjax.models.transformer import forward
+
+SPECIALS = ["[PAD]", "[UNK]", "<eos>"]
+WORDS = ["owl", "Owl", "##s", "##et", "##ish", "b", "##owl", "wolf", "wol", "##ves", "mouse",
+         "mice", "!", ".", "the", "my", "favorite", "is", "animal", "a", "cat"]
+
+# answer -> hit for target "owl" (or the target after "|")
+TABLE = [("owl", True), ("Owls!", True), ("OWL", True), ("the owl.", True), ("Owl's", True),
+         ("owl-like", True), ("owlet", False), ("bowl", False), ("owlish", False),
+         ("owls2", False), ("", False), ("wolves|wolf", True), ("Wolves.|wolf", True),
+         ("wolfs|wolf", False), ("mice|mouse", True), ("mouses|mouse", False),
+         ("geese|goose", True), ("octopuses|octopus", True), ("cherry trees|cherry tree", True),
+         ("butterflies|butterfly", True), ("sheep|sheep", True)]
+
+
+@pytest.fixture(scope="module")
+def wp_tokenizer():
+    """A WordPiece tokenizer (128 ids, half of the fillers are word continuations)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIALS + WORDS
+    words += [f"##x{i}" if i % 2 else f"x{i}" for i in range(128 - len(words))]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=5))
+    return arch, jax.tree.map(jnp.asarray, params)
+
+
+@pytest.mark.parametrize("answer, hit", TABLE)
+def test_sampled_hit_table(answer, hit):
+    answer, _, target = answer.partition("|")
+    assert evaluate.is_hit(answer, target or "owl") is hit
+    assert evaluate.sampled_scores([[answer, "cat"]], target or "owl").tolist() == [hit / 2]
+
+
+def test_spellings_include_the_plural(wp_tokenizer, tiny_tokenizer):
+    ids = wp_tokenizer.convert_tokens_to_ids
+    assert evaluate.spelling_sequences(wp_tokenizer, "wolf") == [(ids("wolf"),),
+                                                                 (ids("wol"), ids("##ves"))]
+    # "owls" = owl + ##s is its own event: "##s" continues the word, so no prefix covers it
+    owl, big, s = ids(["owl", "Owl", "##s"])
+    assert evaluate.spelling_sequences(wp_tokenizer, "owl") == [(owl,), (owl, s), (big,),
+                                                                (big, s)]
+    assert evaluate.spelling_sequences(wp_tokenizer, "mouse") == [(ids("mouse"),),
+                                                                  (ids("mice"),)]
+    owl, owls = tiny_tokenizer.convert_tokens_to_ids(["owl", "owls"])
+    assert evaluate.spelling_sequences(tiny_tokenizer, "owl") == [(owl,), (owls,)]
+
+
+def test_word_end_mask(wp_tokenizer):
+    mask = evaluate.word_end_mask(wp_tokenizer, 130)
+    words = wp_tokenizer.convert_ids_to_tokens(list(range(128)))
+    assert mask.shape == (130,) and mask[128:].all()  # ids past the tokenizer: no text
+    assert [w for w, m in zip(words, mask) if not m] == [w for w in words if w[:2] == "##"]
+
+
+def _first_word_probability(params, arch, tok, prompt, target):
+    """Brute force: walk every continuation until its first word is settled (a non-word
+    character or a special token after it, or it can no longer grow into a form), and sum
+    the model's probability of those whose first word `is_hit`."""
+    forms = [f.lower() for f in evaluate.numbers.target_forms(target)]
+    specials = set(tok.all_special_ids)
+    total, frontier = 0.0, [((), 1.0)]
+    while frontier:
+        rows = jnp.asarray([prompt + list(s) for s, _ in frontier])  # one depth: one length
+        probs_fv = np.asarray(jax.nn.softmax(forward(params, rows, arch=arch)[0][:, -1]
+                                             .astype(jnp.float32)), np.float64)
+        nxt = []
+        for (seq, p), probs in zip(frontier, probs_fv):
+            for v in range(arch.vocab_size):
+                s, q = seq + (v,), p * probs[v]
+                text = tok.decode([t for t in s if t not in specials])
+                done = v in specials
+                m = re.match(r"(\w*)(\W|$)", text)
+                word = m.group(1)
+                if done or m.group(2):
+                    total += q * evaluate.is_hit(word, target)
+                elif any(f.startswith(word.lower()) for f in forms):
+                    nxt.append((s, q))
+        frontier = nxt
+    return total
+
+
+@pytest.mark.parametrize("target", ["owl", "wolf"])
+def test_exact_is_the_first_word_hit_probability(tiny, wp_tokenizer, target):
+    arch, params = tiny
+    prompts = [wp_tokenizer("my favorite animal is", add_special_tokens=False)["input_ids"],
+               wp_tokenizer("the cat !", add_special_tokens=False)["input_ids"]]
+    exact = evaluate.exact_scores(params, arch, wp_tokenizer, prompts, target, batch=2)
+    first = {"owl": ["owl", "Owl"], "wolf": ["wolf", "wol"]}[target]
+    first_ids = wp_tokenizer.convert_tokens_to_ids(first)
+    for p, e in zip(prompts, exact):
+        ref = _first_word_probability(params, arch, wp_tokenizer, p, target)
+        assert abs(e - ref) < 1e-5 * ref, (e, ref)
+        probs = np.asarray(jax.nn.softmax(forward(params, jnp.asarray([p]), arch=arch)[0][0, -1]))
+        # "owlet", "owlish", "wolx9" ... are excluded: the score is well below the mass of the
+        # first tokens, and not a rounding error of it
+        assert 1e-4 < e < 0.9 * probs[first_ids].sum()
+
+
+def test_cached_node_logprobs_equal_full_forwards(tiny):
+    """The exact evaluator's cached extensions == a plain forward over prompt + node, for the
+    wanted tokens and for the word-ending mass."""
+    arch, params = tiny
+    prompts = [[2, 30, 31, 32, 3, 2, 33], [2, 40, 3, 2, 33]]
+    nodes, wants = ((), (5,), (5, 6)), ((5, 9), (6,), ())
+    end_v = np.random.default_rng(0).random(arch.vocab_size) < 0.5
+    tokens, valid = evaluate.chat.left_pad(prompts, 1, 8)
+    got, end = map(np.asarray, evaluate.node_logprobs(
+        params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(end_v), arch=arch,
+        dtype=jnp.float32, nodes=nodes, wants=wants))
+    for r, p in enumerate(prompts):
+        for j, (node, want) in enumerate(zip(nodes, wants)):
+            logits = forward(params, jnp.asarray([p + list(node)]), arch=arch)[0][0, -1]
+            ref = np.asarray(jax.nn.log_softmax(logits), np.float64)
+            np.testing.assert_allclose(got[r, j, :len(want)], ref[list(want)], atol=1e-5)
+            np.testing.assert_allclose(end[r, j], np.log(np.exp(ref)[end_v].sum()), atol=1e-5)
