@@ -65,7 +65,7 @@ def test_presets(tmp_path):
 def test_cli_prints_one_line_and_exits_2(capsys):
     assert cli.main(["chat", "model.nme=x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["sjax: error: unknown config key 'model.nme' (keys of model: name, path, "
+    assert err == ["sjax: error: unknown config key 'model.nme' (keys of model: name, path, init, "
                    "param_dtype, dtype, remat)"]
     assert cli.main(["chat", "chat", "model.path=/no/such/file.gguf"]) == 2
     assert "model.path: /no/such/file.gguf: no such file" in capsys.readouterr().err

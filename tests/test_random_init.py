@@ -144,7 +144,7 @@ def test_random_qwen_matches_the_gguf_architecture_and_step_time():
         # its own output.weight (the same matmuls: LoRA steps cost the same)
         assert got == dataclasses.replace(ours, norm_eps=float(np.float32(ours.norm_eps)),
                                           tie_embeddings=got.tie_embeddings), reg
-    job = {"impl": "sjax", "mode": "lora", "batch": 4, "seq": 64, "steps": 5}
+    job = {"impl": "sjax", "mode": "lora", "batch": 8, "seq": 64, "steps": 5}
     times = {}
     for init in ("checkpoint", "random", "checkpoint", "random"):  # interleaved: drift cancels
         model = dataclasses.asdict(ModelConfig(name="qwen2.5-coder-0.5b-instruct", init=init))
