@@ -19,8 +19,11 @@ import numpy as np
 
 from sjax import perf, report, sampling
 from sjax.config import BenchConfig
+from sjax.errors import SjaxError
 from sjax.files import atomic_write_json
 from sjax.models.transformer import ArchConfig, matmul_params
+from sjax.weights.load import read_arch
+from sjax.weights.random_init import hf_tensors
 
 TIMING = ("prefill: the prompts' forward pass into the KV cache; decode: new_tokens greedy "
           "steps of one-token forwards on that cache; each timed alone after a warm-up "
@@ -91,14 +94,42 @@ def _time_ours(params, arch, prompts, new_tokens, dtype, repeats):
             perf.time_call(decode, *dec_args, warmup=0, repeats=repeats), steps)
 
 
-def torch_model(source):
-    """The same checkpoint through transformers (fp32; a GGUF file or a HF folder)."""
+def torch_device():
+    """Where the transformers reference runs: the GPU when there is one, as sjax does."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_sync() -> None:
+    """Wait for queued GPU work, so a host timer reads finished work (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def torch_model(source):
+    """The same checkpoint through transformers, fp32 on `torch_device()`: a GGUF file, a HF
+    folder, or a shipped architecture folder (`model.init=random`), which gets exactly the
+    random weights sjax creates for it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if source.is_dir() and not any(source.glob("*.safetensors*")):  # model.init=random
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source)),
+                                                 dtype=torch.float32)
+        state = {k: torch.from_numpy(v) for k, v in hf_tensors(read_arch(source)).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or not set(missing) <= {"lm_head.weight"}:  # tied heads only
+            raise SjaxError(f"{source}: random weights do not fit transformers' model "
+                            f"(missing {missing}, unexpected {unexpected})")
+        model.tie_weights()
+        return model.to(torch_device())
     kw = ({"gguf_file": source.name} if source.is_file() else {})
     folder = source.parent if source.is_file() else source
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                **kw).to(torch_device())
 
 
 def _time_transformers(source, prompts, new_tokens, dtype_name, repeats):
@@ -119,15 +150,18 @@ def _time_transformers(source, prompts, new_tokens, dtype_name, repeats):
             out = model(input_ids=tok, attention_mask=mask, cache=cache, use_cache=True)
         assert cache.get_seq_length() == ids.shape[1] + n
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=torch_device())
     pre, dec = [], []
     with torch.no_grad():
         decode(ids[:4], prefill(ids[:4]), 2)  # warm-up (thread pools, oneDNN) on a few rows
         for _ in range(repeats):  # the cache grows in place: a fresh prefill per decode
+            torch_sync()
             t0 = time.perf_counter()
             out = prefill(ids)
+            torch_sync()
             t1 = time.perf_counter()
             decode(ids, out, new_tokens)
+            torch_sync()
             pre.append(t1 - t0)
             dec.append(time.perf_counter() - t1)
     return float(np.median(pre)), float(np.median(dec)), torch.get_num_threads()

@@ -55,6 +55,14 @@ def _median_step(run, steps: int) -> tuple[float, list[float]]:
     return float(np.median(times)), times
 
 
+def _peak_device_gb() -> float | None:
+    """Peak bytes in use on device 0 (accelerators report it; the CPU backend does not)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
+
+
 def sjax_worker(job: dict) -> dict:
     import jax
     import jax.numpy as jnp
@@ -94,7 +102,7 @@ def sjax_worker(job: dict) -> dict:
     step_s, times = _median_step(run, job["steps"])
     flops = train_flops(m.arch, [job["seq"]] * job["batch"], job["mode"])
     return {"step_s": step_s, "step_times": times, "compile_s": compile_s, "flops": flops,
-            "n_devices": mesh.size,
+            "n_devices": mesh.size, "peak_device_gb": _peak_device_gb(),
             "losses": losses, "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(box["state"]["params"]))),
             "compute_dtype": str(jnp.dtype(job["model"]["dtype"]))}
@@ -103,11 +111,12 @@ def sjax_worker(job: dict) -> dict:
 def torch_worker(job: dict) -> dict:
     import torch
 
-    from sjax.bench import torch_model
+    from sjax.bench import torch_device, torch_model
     from sjax.weights.load import read_arch, resolve_source
 
     source = resolve_source(ModelConfig(**job["model"]))
     model = torch_model(source).to(getattr(torch, job["dtype"]))
+    device = torch_device()
     if job["mode"] == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -117,7 +126,8 @@ def torch_worker(job: dict) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-    ids = torch.from_numpy(_tokens(read_arch(source).vocab_size, job["batch"], job["seq"]))
+    ids = torch.from_numpy(_tokens(read_arch(source).vocab_size, job["batch"],
+                                   job["seq"])).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:].clone()
     losses = []
 
@@ -128,10 +138,11 @@ def torch_worker(job: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))  # waits for the step's device work
 
     step_s, times = _median_step(run, job["steps"])
-    return {"step_s": step_s, "step_times": times, "losses": losses,
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+    return {"step_s": step_s, "step_times": times, "losses": losses, "peak_device_gb": peak,
             "torch_threads": torch.get_num_threads(),
             "trainable_params": int(sum(p.numel() for p in params))}
 

@@ -79,7 +79,7 @@ class Run:
         return self._mesh
 
     def model(self, mcfg: ModelConfig):
-        key = (mcfg.name, mcfg.path, mcfg.param_dtype)
+        key = (mcfg.name, mcfg.path, mcfg.init, mcfg.param_dtype)
         if key not in self._models:
             from sjax.weights.load import load_model
 

@@ -136,7 +136,7 @@ def train_step(state: State, frozen: dict, batch: dict, *, spec: StepSpec,
     updates, opt = tx.update(grads, state["opt"], state["params"])
     new = {"params": optax.apply_updates(state["params"], updates), "opt": opt,
            "step": state["step"] + 1}
-    metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
                "lr": sched(state["step"]), "tokens": count}
     return new, metrics
 

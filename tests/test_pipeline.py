@@ -183,8 +183,8 @@ def _tiny_run(tiny, tokenizer, tmp_path, overrides) -> pipeline.Run:
                           [*overrides, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
     run = pipeline.Run(cfg, log=lambda s: None)
     run._mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-    run._models[(cfg.model.name, cfg.model.path, cfg.model.param_dtype)] = LoadedModel(
-        *tiny, tokenizer, tmp_path, 0.0)
+    key = (cfg.model.name, cfg.model.path, cfg.model.init, cfg.model.param_dtype)
+    run._models[key] = LoadedModel(*tiny, tokenizer, tmp_path, 0.0)
     return run
 
 

