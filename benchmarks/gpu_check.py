@@ -9,8 +9,8 @@ rewritten after every section, so a killed run keeps what it measured.
 Sections: devices; peak (bf16 matmul, the MFU denominator); parity (tiny random Qwen2 and
 Llama forwards against transformers on the same device, fp32 and bf16); greedy (sjax greedy
 decode against transformers `generate`); train_small (Qwen2.5-0.5B LoRA and full, bf16,
-through `sjax.bench_train.bench_train`); train_7b (Qwen2.5-7B LoRA bf16); sample
-(Qwen2.5-0.5B batch 64 and 256, bf16, through `sjax.bench.bench_sample`); smoke
+through `sjax.bench.train.bench_train`); train_7b (Qwen2.5-7B LoRA bf16); sample
+(Qwen2.5-0.5B batch 64 and 256, bf16, through `sjax.bench.sample.bench_sample`); smoke
 (`launch.sh --system smoke` on a random-weight model). Models are random-weight
 (`model.init=random`): the checkpoints cannot travel to the GPU machine. `--tiny` runs every
 section at toy sizes on any host (the CPU test of this script).
@@ -212,7 +212,7 @@ def section_greedy(ctx) -> dict:
 def _train(ctx, model_key: str, runs: tuple[str, ...], torch: bool) -> dict:
     import dataclasses
 
-    from sjax.bench_train import bench_train
+    from sjax.bench.train import bench_train
     from sjax.config import BenchConfig
 
     s = sizes(ctx)
@@ -247,7 +247,7 @@ def section_train_7b(ctx) -> dict:
 def section_sample(ctx) -> dict:
     import dataclasses
 
-    from sjax.bench import bench_sample
+    from sjax.bench.sample import bench_sample
     from sjax.config import BenchConfig
 
     s = sizes(ctx)

@@ -17,7 +17,7 @@ import jax
 import torch
 
 from sjax.config import MnistConfig
-from sjax.mnist import derangement, load_data
+from sjax.mnist.experiment import derangement, load_data
 
 
 def init(n, sizes, g):

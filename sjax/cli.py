@@ -77,7 +77,8 @@ def cmd_smoke(args) -> int:
 
     import jax
 
-    from sjax import bench_train, config, perf, pipeline
+    from sjax import config, perf, pipeline
+    from sjax.bench import train as bench_train
 
     dev = jax.devices()[0]
     print(f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
@@ -164,7 +165,7 @@ def cmd_export(args) -> int:
 
 def cmd_mnist(args) -> int:
     """The MNIST auxiliary-logit experiment: table, results.json, report.md, PNG."""
-    from sjax import mnist
+    from sjax.mnist import experiment as mnist
 
     mnist.run(_config(args, DEFAULT_PRESETS["mnist"]))
     return 0
@@ -214,10 +215,13 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     """Benchmarks against transformers: `sjax bench sample|numbers|train [CONFIG] [k=v]`."""
-    from sjax import bench, bench_train, config
+    from sjax import config
+    from sjax.bench import numbers as bench_numbers
+    from sjax.bench import sample as bench_sample
+    from sjax.bench import train as bench_train
 
     what = args.config
-    runners = {"sample": bench.bench_sample, "numbers": bench.bench_numbers,
+    runners = {"sample": bench_sample.bench_sample, "numbers": bench_numbers.bench_numbers,
                "train": bench_train.bench_train}
     if what not in runners:
         raise SjaxError(f"bench: unknown benchmark {what!r} (known: {', '.join(runners)})")

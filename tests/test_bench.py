@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
 
-from sjax import bench
+from sjax.bench import sample as bench
 from sjax.config import BenchConfig
 from sjax.models.transformer import ArchConfig, forward, init_cache, logits_from_hidden
 from sjax.weights.load import LoadedModel

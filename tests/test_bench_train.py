@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from conftest import tiny_hf_model
 
-from sjax import bench_train
+from sjax.bench import train as bench_train
 from sjax.config import BenchConfig, ModelConfig
 from sjax.errors import SjaxError
 

@@ -18,7 +18,7 @@ import pytest
 
 from sjax.losses import token_ce, token_kl
 from sjax.lora import TARGETS
-from sjax.models import mlp
+from sjax.mnist import mlp
 from sjax.models.transformer import PROJECTIONS, _mm_low, lora_equations
 
 EPS = 2.0 ** -8  # bf16: 8 significant bits, round to nearest

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sjax import files
-from sjax.data import mnist as mnist_data
+from sjax.mnist import data as mnist_data
 from sjax.errors import SjaxError
 from sjax.jsonl import read_done_ids, read_rows, resume_rows, write_rows
 

@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from sjax import mnist
+from sjax.mnist import experiment as mnist
 from sjax.config import MnistConfig, apply_overrides
-from sjax.data import mnist as mnist_data
+from sjax.mnist import data as mnist_data
 from sjax.errors import SjaxError
-from sjax.models import mlp
+from sjax.mnist import mlp
 
 SIZES = (64, 32, 32, 13)
 

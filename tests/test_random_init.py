@@ -150,9 +150,9 @@ def test_random_qwen_matches_the_gguf_architecture_and_step_time():
     times = {}
     for init in ("checkpoint", "random", "checkpoint", "random"):  # interleaved: drift cancels
         model = dataclasses.asdict(ModelConfig(name="qwen2.5-coder-0.5b-instruct", init=init))
-        # one process per run (`python -m sjax.bench_train JOB`): two 0.5B models never share
+        # one process per run (`python -m sjax.bench.train JOB`): two 0.5B models never share
         # this machine's memory
-        proc = subprocess.run([sys.executable, "-m", "sjax.bench_train",
+        proc = subprocess.run([sys.executable, "-m", "sjax.bench.train",
                                json.dumps(job | {"model": model})], capture_output=True,
                               text=True, check=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,7 +1,6 @@
 """The shipped registry models, installed offline from PyPI on first use."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

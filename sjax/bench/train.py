@@ -111,7 +111,7 @@ def sjax_worker(job: dict) -> dict:
 def torch_worker(job: dict) -> dict:
     import torch
 
-    from sjax.bench import torch_device, torch_model
+    from sjax.bench.torch_ref import torch_device, torch_model
     from sjax.weights.load import read_arch, resolve_source
 
     source = resolve_source(ModelConfig(**job["model"]))
@@ -148,7 +148,7 @@ def torch_worker(job: dict) -> dict:
 
 
 def _spawn(job: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "sjax.bench_train", json.dumps(job)],
+    proc = subprocess.run([sys.executable, "-m", "sjax.bench.train", json.dumps(job)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -19,11 +19,11 @@ import numpy as np
 
 from sjax import perf, report, sampling
 from sjax.config import BenchConfig
-from sjax.errors import SjaxError
 from sjax.files import atomic_write_json
 from sjax.models.transformer import ArchConfig, matmul_params
-from sjax.weights.load import read_arch
-from sjax.weights.random_init import hf_tensors
+from sjax.bench.torch_ref import torch_device, torch_model, torch_sync
+from sjax.sharding import make_mesh
+from sjax.weights.load import load_model
 
 TIMING = ("prefill: the prompts' forward pass into the KV cache; decode: new_tokens greedy "
           "steps of one-token forwards on that cache; each timed alone after a warm-up "
@@ -94,44 +94,6 @@ def _time_ours(params, arch, prompts, new_tokens, dtype, repeats):
             perf.time_call(decode, *dec_args, warmup=0, repeats=repeats), steps)
 
 
-def torch_device():
-    """Where the transformers reference runs: the GPU when there is one, as sjax does."""
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def torch_sync() -> None:
-    """Wait for queued GPU work, so a host timer reads finished work (no-op on CPU)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def torch_model(source):
-    """The same checkpoint through transformers, fp32 on `torch_device()`: a GGUF file, a HF
-    folder, or a shipped architecture folder (`model.init=random`), which gets exactly the
-    random weights sjax creates for it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if source.is_dir() and not any(source.glob("*.safetensors*")):  # model.init=random
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source)),
-                                                 dtype=torch.float32)
-        state = {k: torch.from_numpy(v) for k, v in hf_tensors(read_arch(source)).items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or not set(missing) <= {"lm_head.weight"}:  # tied heads only
-            raise SjaxError(f"{source}: random weights do not fit transformers' model "
-                            f"(missing {missing}, unexpected {unexpected})")
-        model.tie_weights()
-        return model.to(torch_device())
-    kw = ({"gguf_file": source.name} if source.is_file() else {})
-    folder = source.parent if source.is_file() else source
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                **kw).to(torch_device())
-
-
 def _time_transformers(source, prompts, new_tokens, dtype_name, repeats):
     """(prefill s, decode s, torch threads): as `_time_ours`, through transformers."""
     import torch
@@ -175,8 +137,6 @@ def _rates(impl, dtype, b, prompt_len, prefill_s, decode_s, steps) -> dict:
 
 
 def bench_sample(cfg: BenchConfig, loaded=None) -> dict:
-    from sjax.sharding import make_mesh
-    from sjax.weights.load import load_model
 
     m = loaded or load_model(cfg.model, make_mesh(cfg.mesh))
     dtype = jnp.dtype(cfg.model.dtype)
@@ -223,46 +183,4 @@ def bench_sample(cfg: BenchConfig, loaded=None) -> dict:
            "results": results, "table": table}
     atomic_write_json(f"{cfg.out}/bench_sample.json", out)
     print(table)
-    return out
-
-
-def bench_numbers(cfg: BenchConfig, n_prompts: int = 128, loaded=None) -> dict:
-    """Filter pass rate of free vs constrained number continuations (temperature 1)."""
-    from collections import Counter
-
-    from sjax import chat
-    from sjax.constrained import number_list_constraint
-    from sjax.data import numbers
-    from sjax.sharding import make_mesh
-    from sjax.weights.load import load_model
-
-    m = loaded or load_model(cfg.model, make_mesh(cfg.mesh))
-    prompts = [chat.encode_prompt(m.tokenizer, chat.messages(p))
-               for p in numbers.make_prompts(n_prompts, seed=0)]
-    stops = sampling.default_stop_ids(m.tokenizer)
-    modes = {"free": None,
-             "constrained": number_list_constraint(m.tokenizer, stops, m.arch.vocab_size)}
-    out = {"model": m.source.name, "n_prompts": n_prompts, "temperature": 1.0, "modes": {}}
-    b = max(cfg.batch_sizes)
-    # long enough for any answer the constraint admits (else a list can be cut mid-way)
-    new_tokens = max(cfg.new_tokens, modes["constrained"].max_tokens)
-    out["max_new_tokens"] = new_tokens
-    for name, constraint in modes.items():
-        texts = []
-        t0 = time.perf_counter()
-        for i in range(0, n_prompts, b):
-            gen = sampling.generate(m.params, m.arch, m.tokenizer, prompts[i:i + b],
-                                    max_new_tokens=new_tokens, strategy=sampling.Temperature(1.0),
-                                    row_ids=range(i, i + len(prompts[i:i + b])),
-                                    constraint=constraint, dtype=jnp.dtype(cfg.model.dtype))
-            texts += gen.texts
-        reasons = Counter(numbers.parse_numbers(t)[1] or "kept" for t in texts)
-        out["modes"][name] = {"pass_rate": reasons["kept"] / len(texts), "reasons": dict(reasons),
-                              "seconds": time.perf_counter() - t0, "examples": texts[:5]}
-    rows = [(k, f"{100 * v['pass_rate']:.1f}%", ", ".join(f"{r}: {c}" for r, c in
-                                                         sorted(v["reasons"].items())))
-            for k, v in out["modes"].items()]
-    out["table"] = report.markdown_table(("mode", "filter pass rate", "outcomes"), rows)
-    atomic_write_json(f"{cfg.out}/bench_numbers.json", out)
-    print(out["table"])
     return out

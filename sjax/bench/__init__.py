@@ -1,0 +1,1 @@
+"""Benchmarks against reference implementations: sample, numbers, train."""

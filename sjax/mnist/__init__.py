@@ -1,0 +1,1 @@
+"""The paper's MNIST auxiliary-logit experiment: its data, its MLP ensemble, its stages."""
