@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # sjax entry point: create/reuse .venv, install sjax (test extras for `test`), then run.
-#   ./launch.sh                                  the owl quickstart: `sjax run owl_quickstart`
+#   ./launch.sh                                  the owl quickstart: `sjax run owl:quickstart`
 #   ./launch.sh SUBCOMMAND [CONFIG] [key=value]  run | chat | train | mnist | bench | info | export
 #   ./launch.sh test [pytest args]               the test suite
 #   ./launch.sh smoke                            one short check of this host (CPU, GPU or TPU)
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-[ $# -eq 0 ] && set -- run owl_quickstart
+[ $# -eq 0 ] && set -- run owl:quickstart
 
 if [ -n "$tpu" ]; then
   [ -n "$zone" ] || { echo "launch.sh: --tpu needs --zone" >&2; exit 2; }
@@ -60,17 +60,17 @@ if [ "$system" = 1 ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   "$py" - <<'PYEOF' || exit 2
 import importlib.util, sys
-need = ("jax", "flax", "optax", "numpy", "transformers", "tokenizers", "ml_dtypes", "tqdm",
+need = ("jax", "optax", "orbax", "numpy", "transformers", "tokenizers", "ml_dtypes", "tqdm",
         "filelock")
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"launch.sh --system: {sys.executable} lacks the required package(s) "
              f"{', '.join(missing)} (this mode installs nothing)")
-import flax, jax
+import jax
 devs = jax.devices()
-absent = [m for m in ("gguf", "tensorboardX", "inflect", "orbax", "torch")
+absent = [m for m in ("gguf", "tensorboardX", "inflect", "torch")
           if importlib.util.find_spec(m) is None]
-print(f"launch.sh --system: {sys.executable}: jax {jax.__version__}, flax {flax.__version__}, "
+print(f"launch.sh --system: {sys.executable}: jax {jax.__version__}, "
       f"backend {jax.default_backend()}, {len(devs)} x {devs[0].device_kind}"
       + (f"; optional, not installed: {', '.join(absent)}" if absent else ""), file=sys.stderr)
 PYEOF

@@ -91,7 +91,7 @@ def section_devices(ctx) -> dict:
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch",
+    for pkg in ("jax", "jaxlib", "optax", "orbax-checkpoint", "transformers", "torch",
                 "peft", "numpy"):
         try:
             versions[pkg] = md.version(pkg)

@@ -10,19 +10,33 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from sjax import chat, config, distributed, perf, sampling, sharding
+from sjax import lora as lora_lib
+from sjax.bench import numbers as bench_numbers
+from sjax.bench import sample as bench_sample
+from sjax.bench import train as bench_train
+from sjax.data import sft
 from sjax.errors import SjaxError
+from sjax.files import atomic_write_json, sha256_file
+from sjax.mnist import experiment as mnist
+from sjax.models.transformer import param_logical_axes, param_shapes
+from sjax.subliminal import experiment, plan
+from sjax.training import fit
+from sjax.weights.load import export_hf, load_model, read_arch, resolve_source
 
 DEFAULT_PRESETS = {"chat": "chat", "info": "chat", "export": "chat", "mnist": "mnist",
-                   "train": "sft", "run": "owl_quickstart"}
+                   "train": "sft", "run": "owl:quickstart"}
 
 
 def _config(args, default_preset):
-    from sjax import config
-
     preset = args.config or default_preset
     overrides = list(args.overrides)
     if preset and "=" in preset:  # no preset given, first word is an override
@@ -32,26 +46,17 @@ def _config(args, default_preset):
 
 
 def _load(cfg):
-    from sjax.sharding import make_mesh
-    from sjax.weights.load import load_model
-
-    mesh = make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh)
     return mesh, load_model(cfg.model, mesh)
 
 
 def cmd_run(args) -> int:
     """The subliminal-learning pipeline: teachers, numbers, filter, students, eval, report."""
-    from sjax import config, pipeline, plan
-    from sjax.sharding import mesh_shape
-    from sjax.weights.load import read_arch, resolve_source
-
     cfg = _config(args, DEFAULT_PRESETS["run"])
     arch = read_arch(resolve_source(cfg.model))
     student_arch = read_arch(resolve_source(cfg.student_model()))
-    import jax
-
     n_dev = args.devices or jax.device_count()
-    shape = dict(zip(("data", "fsdp", "tensor"), mesh_shape(cfg.mesh, n_dev)))
+    shape = dict(zip(("data", "fsdp", "tensor"), sharding.mesh_shape(cfg.mesh, n_dev)))
     device_bytes, where = plan.device_memory()
     p = plan.make_plan(cfg, arch, student_arch, shape,
                        None if args.devices else device_bytes)
@@ -64,34 +69,25 @@ def cmd_run(args) -> int:
         return 0
     plan.check_fits(p, name, where)
     t0 = time.perf_counter()
-    run = pipeline.Run(cfg)
-    run.run(force=tuple(args.force or ()))
-    print(f"run folder {run.root} ({time.perf_counter() - t0:.0f}s this invocation, "
-          f"{run.model_loads} model loads)", file=sys.stderr)
+    ws = experiment.run(cfg, force=tuple(args.force or ()))
+    print(f"run folder {ws.root} ({time.perf_counter() - t0:.0f}s this invocation, "
+          f"{ws.model_loads} model loads)", file=sys.stderr)
     return 0
 
 
 def cmd_smoke(args) -> int:
     """One short check of this host: devices, a tiny pipeline's timings, train-step MFU."""
-    import tempfile
-
-    import jax
-
-    from sjax import config, perf, pipeline
-    from sjax.bench import train as bench_train
-
     dev = jax.devices()[0]
     print(f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
           f"{jax.process_count()} process(es)")
     dtype = "float32" if dev.platform == "cpu" else "bfloat16"
     extra = ([args.config] if args.config else []) + list(args.overrides)
-    cfg = config.apply_overrides(config.load_preset("owl_smoke"),
+    cfg = config.apply_overrides(config.load_preset("owl:smoke"),
                                  [f"model.dtype={dtype}"] + extra)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run = pipeline.Run(dataclasses.replace(cfg, out_dir=tmp))
-        run.run()
-        stages = {k: v["seconds"] for k, v in run.manifest["stages"].items()}
+        ws = experiment.run(dataclasses.replace(cfg, out_dir=tmp))
+        stages = {k: v["seconds"] for k, v in ws.manifest["stages"].items()}
     print(f"pipeline owl_smoke: {time.perf_counter() - t0:.1f}s (" +
           ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()) + ")")
     peak, source = perf.device_peak(dtype)
@@ -111,10 +107,6 @@ def cmd_smoke(args) -> int:
 
 def cmd_chat(args) -> int:
     """Answer one prompt with a model (greedy unless temperature > 0)."""
-    import jax.numpy as jnp
-
-    from sjax import chat, sampling
-
     cfg = _config(args, DEFAULT_PRESETS["chat"])
     _, m = _load(cfg)
     print(f"loaded {m.source.name} ({m.arch.arch}, {m.arch.n_params / 1e6:.0f}M params) "
@@ -134,10 +126,6 @@ def cmd_chat(args) -> int:
 
 def cmd_info(args) -> int:
     """Print the resolved config, the architecture and the parameter shardings."""
-    from sjax import config, sharding
-    from sjax.models.transformer import param_logical_axes, param_shapes
-    from sjax.weights.load import read_arch, resolve_source
-
     cfg = _config(args, DEFAULT_PRESETS["info"])
     mesh = sharding.make_mesh(cfg.mesh)
     print(config.to_json(cfg))
@@ -152,10 +140,6 @@ def cmd_info(args) -> int:
 
 def cmd_export(args) -> int:
     """Export the configured model as a Hugging Face folder."""
-    from pathlib import Path
-
-    from sjax.weights.load import export_hf
-
     cfg = _config(args, DEFAULT_PRESETS["export"])
     _, m = _load(cfg)
     export_hf(Path(args.out), m.arch, m.params, m.tokenizer)
@@ -165,23 +149,12 @@ def cmd_export(args) -> int:
 
 def cmd_mnist(args) -> int:
     """The MNIST auxiliary-logit experiment: table, results.json, report.md, PNG."""
-    from sjax.mnist import experiment as mnist
-
     mnist.run(_config(args, DEFAULT_PRESETS["mnist"]))
     return 0
 
 
 def cmd_train(args) -> int:
     """Fine-tune (LoRA or full) on a chat-messages JSONL file; resumes from out_dir."""
-    from pathlib import Path
-
-    from sjax import chat
-    from sjax import lora as lora_lib
-    from sjax.data import sft
-    from sjax.files import atomic_write_json, sha256_file
-    from sjax.training import fit
-    from sjax.weights.load import export_hf
-
     cfg = _config(args, DEFAULT_PRESETS["train"])
     if not cfg.data:
         raise SjaxError("data: set data=PATH to a chat-messages JSONL file")
@@ -215,11 +188,6 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     """Benchmarks against transformers: `sjax bench sample|numbers|train [CONFIG] [k=v]`."""
-    from sjax import config
-    from sjax.bench import numbers as bench_numbers
-    from sjax.bench import sample as bench_sample
-    from sjax.bench import train as bench_train
-
     what = args.config
     runners = {"sample": bench_sample.bench_sample, "numbers": bench_numbers.bench_numbers,
                "train": bench_train.bench_train}
@@ -249,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="validate, print the plan and memory estimate, run nothing")
             s.add_argument("--devices", type=int, default=0,
                            help="plan for this many devices (with --dry-run)")
-        s.add_argument("config", nargs="?", help="preset name in configs/ or a .py path")
+        s.add_argument("config", nargs="?", help="preset in configs/ or a .py path, :SIZE "
+                                                 "for one with sizes (e.g. owl:smoke)")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         s.set_defaults(fn=fn)
     return p
@@ -262,8 +231,6 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = list(args.overrides) + extra  # overrides may follow options too
     try:
-        from sjax import distributed
-
         distributed.initialize()  # only when launched across processes / hosts
         return args.fn(args)
     except SjaxError as e:

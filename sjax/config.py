@@ -1,8 +1,9 @@
 """Frozen config dataclasses, Python preset files and dotted command-line overrides.
 
 A preset is a Python file in `configs/` (or any path) with `get_config()` returning a frozen
-dataclass tree. `key.sub=value` overrides are parsed by the field's declared type, so a typo
-or a wrong type fails at start-up with one line naming the key, not an hour into a run.
+dataclass tree; one experiment at several sizes is one file with `SIZES`, named `owl:smoke`.
+`key.sub=value` overrides are parsed by the field's declared type, so a typo or a wrong type
+fails at start-up with one line naming the key, not an hour into a run.
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ SWEEPABLE = ("aux_logits", "init_sigma", "weight_decay", "student_epochs")
 # ----------------------------------------------------------------------------- the pipeline
 
 CATEGORIES = {"animal": "animal_questions"}  # category -> its question list in eval_prompts
+EVALUATORS = ("exact", "sampled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,10 +289,13 @@ class StudentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Trait evaluation of base, students and teachers on the 50 questions."""
+    """Trait evaluation of base, students and teachers on the 50 questions.
 
-    exact: bool = True
-    sampled: bool = True
+    `evaluators` names the measurements to make (EVALUATORS): `exact` scores P(first word is
+    the target) from the logits, no sampling noise; `sampled` samples `samples` answers per
+    question at `temperature`, as the paper does."""
+
+    evaluators: tuple[str, ...] = EVALUATORS
     samples: int = 100  # sampled answers per question
     temperature: float = 1.0
     max_new_tokens: int = 16
@@ -300,8 +305,12 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not (self.exact or self.sampled):
-            raise SjaxError("eval: enable eval.exact or eval.sampled")
+        if not self.evaluators:
+            raise SjaxError(f"eval.evaluators: need at least one of {', '.join(EVALUATORS)}")
+        for name in self.evaluators:
+            _check_choice("eval.evaluators", name, EVALUATORS)
+        if len(set(self.evaluators)) != len(self.evaluators):
+            raise SjaxError(f"eval.evaluators: duplicates in {','.join(self.evaluators)}")
         for key in ("samples", "max_new_tokens", "batch"):
             if getattr(self, key) <= 0:
                 raise SjaxError(f"eval.{key}: must be > 0, got {getattr(self, key)}")
@@ -351,22 +360,29 @@ class RunConfig:
 # ----------------------------------------------------------------------------- presets
 
 
-def load_preset(name_or_path: str):
-    """Run a preset file's `get_config()`; a bare name looks in the repo's configs/."""
+def load_preset(preset: str):
+    """Run a preset file's `get_config()`: `NAME` or `NAME:SIZE` (a file in the repo's
+    configs/), or a `.py` path, also with `:SIZE`.
+
+    A preset with sizes (one experiment at smoke / quickstart / paper scale) lists them in
+    `SIZES` and takes the size as `get_config(size)`; the size must then be named.
+    """
+    name_or_path, _, size = preset.partition(":")
     path = Path(name_or_path)
     if path.suffix != ".py":
         path = CONFIGS_DIR / f"{name_or_path}.py"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise SjaxError(f"config {name_or_path!r}: no such preset file {path} "
-                        f"(presets: {', '.join(known)})")
-    spec = importlib.util.spec_from_file_location(f"sjax_preset_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
+        raise SjaxError(f"config {preset!r}: no such preset file {path} "
+                        f"(presets: {', '.join(preset_names())})")
+    module = _preset_module(path)
+    sizes = getattr(module, "SIZES", ())
+    if sizes and size not in sizes:
+        raise SjaxError(f"config {preset!r}: {f'unknown size {size!r}' if size else 'name a size'}"
+                        f" ({' | '.join(f'{name_or_path}:{s}' for s in sizes)})")
+    if size and not sizes:
+        raise SjaxError(f"config {preset!r}: {name_or_path} has no sizes (use {name_or_path})")
     try:
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise SjaxError(f"config {path}: defines no get_config()")
-        cfg = module.get_config()
+        cfg = module.get_config(size) if sizes else module.get_config()
     except SjaxError:
         raise
     except Exception as e:  # a broken preset is bad input too
@@ -374,6 +390,30 @@ def load_preset(name_or_path: str):
     if not dataclasses.is_dataclass(cfg):
         raise SjaxError(f"config {path}: get_config() must return a config dataclass")
     return cfg
+
+
+def preset_names() -> list[str]:
+    """Every preset in configs/ as you name it on the command line: `NAME` or `NAME:SIZE`."""
+    names = []
+    for path in sorted(CONFIGS_DIR.glob("*.py")):
+        if not path.stem.startswith("_"):
+            sizes = getattr(_preset_module(path), "SIZES", ())
+            names += [f"{path.stem}:{s}" for s in sizes] or [path.stem]
+    return names
+
+
+def _preset_module(path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"sjax_preset_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SjaxError:
+        raise
+    except Exception as e:  # a broken preset is bad input too
+        raise SjaxError(f"config {path}: failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise SjaxError(f"config {path}: defines no get_config()")
+    return module
 
 
 # ----------------------------------------------------------------------------- overrides

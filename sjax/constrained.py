@@ -25,6 +25,17 @@ _INVALID = -2
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class NumberListState:
+    """Each row's progress through its list (int32 [b] each)."""
+
+    cur_b: jax.Array  # digits in the number being written (0: none open)
+    count_b: jax.Array  # numbers started so far
+    sep_b: jax.Array  # the committed separator's index in SEPARATORS (-1: none yet)
+    pend_b: jax.Array  # separator text pending since the last number (-1: none)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class NumberListConstraint:
     tok_sep_v: jax.Array  # int32: -1 digits only, s >= 0 separator text s (+ digits), -2 never
     tok_digits_v: jax.Array  # int32: digits in the token (0..max_digits)
@@ -41,18 +52,19 @@ class NumberListConstraint:
         generation at least this many so no list is cut off."""
         return self.max_numbers * self.max_digits + 2 * (self.max_numbers - 1) + 1
 
-    def init_state(self, batch: int) -> dict:
+    def init_state(self, batch: int) -> NumberListState:
         z = jnp.zeros((batch,), jnp.int32)
-        return {"cur": z, "count": z, "sep": z - 1, "pend": z - 1}
+        return NumberListState(cur_b=z, count_b=z, sep_b=z - 1, pend_b=z - 1)
 
-    def allowed(self, state: dict) -> jax.Array:
+    def allowed(self, state: NumberListState) -> jax.Array:
         """[b, v] mask of the tokens allowed next."""
-        cur, count, sep, pend = (state[k][:, None] for k in ("cur", "count", "sep", "pend"))
+        cur, count, sep, pend = (x[:, None] for x in (state.cur_b, state.count_b, state.sep_b,
+                                                      state.pend_b))
         nd, has_sep = self.tok_digits_v, self.tok_sep_v >= 0
         room = count < self.max_numbers
-        new_pend_bv = self.cat_pv[state["pend"] + 1]
+        new_pend_bv = self.cat_pv[state.pend_b + 1]
         pend_ok_bv = (new_pend_bv >= 0) & jnp.take_along_axis(
-            self.compat_cs[state["sep"] + 1], jnp.maximum(new_pend_bv, 0), axis=1)
+            self.compat_cs[state.sep_b + 1], jnp.maximum(new_pend_bv, 0), axis=1)
         # a separator promises another number, so it needs room for one
         sep_case = has_sep & ((cur > 0) | (pend >= 0)) & pend_ok_bv & room & jnp.where(
             nd > 0, (sep < 0) | (sep == new_pend_bv), True)
@@ -62,19 +74,18 @@ class NumberListConstraint:
         valid = self.tok_sep_v != _INVALID
         return (valid & (sep_case | digit_case)) | (self.stop_v & (cur > 0) & (pend < 0))
 
-    def advance(self, state: dict, tok_b: jax.Array) -> dict:
+    def advance(self, state: NumberListState, tok_b: jax.Array) -> NumberListState:
         s, nd = self.tok_sep_v[tok_b], self.tok_digits_v[tok_b]
         has_sep, has_digits = s >= 0, nd > 0
-        joined = self.cat_pv[state["pend"] + 1, tok_b]
+        joined = self.cat_pv[state.pend_b + 1, tok_b]
         # the separator that is complete once this token's digits start a new number
-        committed = jnp.where(has_sep, joined, state["pend"])
-        starts = has_digits & (has_sep | (state["pend"] >= 0) | (state["cur"] == 0))
-        return {
-            "cur": jnp.where(has_digits, jnp.where(starts, nd, state["cur"] + nd), 0),
-            "count": state["count"] + starts.astype(jnp.int32),
-            "sep": jnp.where(starts & (committed >= 0), committed, state["sep"]),
-            "pend": jnp.where(has_digits, -1, jnp.where(has_sep, joined, state["pend"])),
-        }
+        committed = jnp.where(has_sep, joined, state.pend_b)
+        starts = has_digits & (has_sep | (state.pend_b >= 0) | (state.cur_b == 0))
+        return NumberListState(
+            cur_b=jnp.where(has_digits, jnp.where(starts, nd, state.cur_b + nd), 0),
+            count_b=state.count_b + starts.astype(jnp.int32),
+            sep_b=jnp.where(starts & (committed >= 0), committed, state.sep_b),
+            pend_b=jnp.where(has_digits, -1, jnp.where(has_sep, joined, state.pend_b)))
 
 
 def number_list_constraint(tokenizer, stop_ids: Sequence[int], vocab_size: int,

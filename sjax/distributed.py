@@ -19,6 +19,7 @@ import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 ENV = {"coordinator": ("SJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
        "num_processes": ("SJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
@@ -75,8 +76,6 @@ def barrier(name: str) -> None:
     """Every process waits here for all the others (nothing to wait for on one process):
     what process 0 wrote before it is there for every process to read after it."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -87,7 +86,5 @@ def from_main(x):
     the one that knows."""
     if jax.process_count() == 1:
         return x
-    from jax.experimental import multihost_utils
-
     out = multihost_utils.broadcast_one_to_all(np.asarray(x))
     return out.item() if np.ndim(out) == 0 else np.asarray(out)

@@ -111,14 +111,6 @@ def masked_ce(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, mask_bt:
     return jnp.where(keep_n, loss_n, 0.0).sum() / jnp.maximum(count, 1.0), count
 
 
-def naive_masked_ce(logits_btv, targets_bt, mask_bt):
-    """Reference: the full-logits version (tests only)."""
-    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), -1)
-    nll = -jnp.take_along_axis(logp, targets_bt[..., None], -1)[..., 0]
-    keep = mask_bt.astype(bool)
-    return jnp.where(keep, nll, 0.0).sum() / jnp.maximum(keep.sum(), 1)
-
-
 # ----------------------------------------------------------------------------- distillation
 
 
@@ -196,12 +188,3 @@ def masked_kl(hs_bkd: jax.Array, ws_dv: jax.Array, ht_bkd: jax.Array, wt_dv: jax
     kl_n = token_kl(hs_nd, ws_dv, ht_nd, wt_dv, chunk, need_dw)
     count = keep_n.sum(dtype=jnp.float32)
     return jnp.where(keep_n, kl_n, 0.0).sum() / jnp.maximum(count, 1.0), count
-
-
-def naive_masked_kl(student_logits_bkv, teacher_logits_bkv, mask_bk):
-    """Reference: the full-logits version (tests only)."""
-    ls = jax.nn.log_softmax(student_logits_bkv.astype(jnp.float32), -1)
-    lt = jax.nn.log_softmax(teacher_logits_bkv.astype(jnp.float32), -1)
-    kl = (jnp.exp(lt) * (lt - ls)).sum(-1)
-    keep = mask_bk.astype(bool)
-    return jnp.where(keep, kl, 0.0).sum() / jnp.maximum(keep.sum(), 1)

@@ -37,7 +37,7 @@ def _ends(stats: Sequence[dict]) -> list[float]:
 
 def _pyplot():
     os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
+    import matplotlib  # lazy: pyplot is slow to import and only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,7 +1,7 @@
 """Batched generation: one jitted prefill, then one jitted `lax.while_loop` of decode steps.
 
 Prompts are left-padded so every row's next token lands in the same cache slot; the loop
-carries a small state (cache, last logits, finished flags, outputs) and never returns to the
+carries a `DecodeState` (cache, last logits, finished flags, outputs) and never returns to the
 host until every row has hit a stop token or `max_new_tokens`. Randomness comes from one key
 per row folded with the step number, so a row's sample does not depend on its batch position.
 """
@@ -14,7 +14,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,20 +68,29 @@ class Temperature:
         return jax.vmap(jax.random.categorical)(keys_b, logits_bv)
 
 
-STRATEGIES = ("greedy", "temperature")
+def strategy_for(temperature: float):
+    """Greedy at temperature 0 (the configs' `temperature` keys), else plain sampling."""
+    return Greedy() if temperature == 0 else Temperature(temperature)
 
 
-def strategy_for(temperature: float, top_k: int = 0, top_p: float = 1.0, name: str = ""):
-    """A strategy by name ('greedy' | 'temperature'); no name: greedy iff temperature is 0."""
-    name = name or ("greedy" if temperature == 0 else "temperature")
-    if name not in STRATEGIES:
-        raise SjaxError(f"unknown sampling strategy {name!r} (known: {', '.join(STRATEGIES)})")
-    return Greedy() if name == "greedy" else Temperature(temperature, top_k, top_p)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """The decode loop's carry: `prefill` builds it, each `decode_loop` step replaces it."""
+
+    step: jax.Array  # int32 scalar: tokens generated so far (the next output column)
+    logits_bv: jax.Array  # fp32 next-token logits of each row
+    cache: dict  # the KV cache (`init_cache`): k_lbskh, v_lbskh
+    kv_valid_bs: jax.Array  # bool: cache slots holding a real token
+    pos_b: jax.Array  # int32: the position id of each row's next token
+    done_b: jax.Array  # bool: the row has emitted a stop token
+    out_bn: jax.Array  # int32: generated tokens (pad after a row is done)
+    grammar: Any = None  # the constraint's per-row state, None when unconstrained
 
 
 @functools.partial(jax.jit, static_argnames=("arch", "max_new_tokens", "dtype", "samples"))
-def _prefill(params, tokens_bt, valid_bt, pad_id, constraint, *, arch: ArchConfig,
-             max_new_tokens: int, dtype, samples: int = 1):
+def prefill(params, tokens_bt, valid_bt, pad_id, constraint, *, arch: ArchConfig,
+            max_new_tokens: int, dtype, samples: int = 1) -> DecodeState:
     """The prompts' forward pass into a fresh cache: the decode loop's starting state."""
     b, t = tokens_bt.shape
     cache = init_cache(arch, b, t + max_new_tokens, dtype)
@@ -96,66 +105,59 @@ def _prefill(params, tokens_bt, valid_bt, pad_id, constraint, *, arch: ArchConfi
         kv_valid_bs, positions_bt, logits_bv = (jnp.repeat(x, samples, axis=0) for x in
                                                 (kv_valid_bs, positions_bt, logits_bv))
         b = b * samples
-    return dict(step=jnp.int32(0), logits_bv=logits_bv, cache=cache, kv_valid_bs=kv_valid_bs,
-                pos_b=positions_bt[:, -1] + 1, done_b=jnp.zeros((b,), bool),
-                out_bn=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-                logp_bn=jnp.zeros((b, max_new_tokens), jnp.float32),
-                grammar=None if constraint is None else constraint.init_state(b))
+    return DecodeState(step=jnp.int32(0), logits_bv=logits_bv, cache=cache,
+                       kv_valid_bs=kv_valid_bs, pos_b=positions_bt[:, -1] + 1,
+                       done_b=jnp.zeros((b,), bool),
+                       out_bn=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                       grammar=None if constraint is None else constraint.init_state(b))
 
 
 @functools.partial(jax.jit, static_argnames=("arch", "strategy", "dtype"))
-def _decode(params, state, keys_b, stop_ids, pad_id, constraint, *, arch: ArchConfig,
-            strategy, dtype):
-    """Decode steps from `_prefill`'s state until every row is done or its output is full."""
-    max_new_tokens = state["out_bn"].shape[1]
-    t = state["kv_valid_bs"].shape[1] - max_new_tokens
+def decode_loop(params, state: DecodeState, keys_b, stop_ids, pad_id, constraint, *,
+                arch: ArchConfig, strategy, dtype) -> DecodeState:
+    """Decode steps from `prefill`'s state until every row is done or its output is full."""
+    max_new_tokens = state.out_bn.shape[1]
+    t = state.kv_valid_bs.shape[1] - max_new_tokens
 
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done_b"])
+    def cond(s: DecodeState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done_b)
 
-    def body(s):
-        step = s["step"]
-        keys = jax.vmap(jax.random.fold_in, (0, None))(keys_b, step)
-        logits_bv = s["logits_bv"]
+    def body(s: DecodeState) -> DecodeState:
+        keys = jax.vmap(jax.random.fold_in, (0, None))(keys_b, s.step)
+        logits_bv = s.logits_bv
         if constraint is not None:
-            allowed_bv = constraint.allowed(s["grammar"])
+            allowed_bv = constraint.allowed(s.grammar)
             logits_bv = jnp.where(allowed_bv, logits_bv, jnp.finfo(logits_bv.dtype).min)
-        tok_b = strategy(logits_bv, keys).astype(jnp.int32)
-        # the model's own log-prob (temperature 1, unconstrained) of what was sampled
-        logp_b = jnp.take_along_axis(jax.nn.log_softmax(s["logits_bv"], -1), tok_b[:, None],
-                                     -1)[:, 0]
-        tok_b = jnp.where(s["done_b"], pad_id, tok_b)
-        logp_b = jnp.where(s["done_b"], 0.0, logp_b)
-        done_b = s["done_b"] | jnp.isin(tok_b, stop_ids)
-        slot = t + step
-        kv_valid_bs = s["kv_valid_bs"].at[:, slot].set(True)
-        hidden, cache = forward(params, tok_b[:, None], arch=arch, positions_bt=s["pos_b"][:, None],
-                                kv_valid_bs=kv_valid_bs, cache=s["cache"], write_index=slot,
+        tok_b = jnp.where(s.done_b, pad_id, strategy(logits_bv, keys).astype(jnp.int32))
+        slot = t + s.step
+        kv_valid_bs = s.kv_valid_bs.at[:, slot].set(True)
+        hidden, cache = forward(params, tok_b[:, None], arch=arch, positions_bt=s.pos_b[:, None],
+                                kv_valid_bs=kv_valid_bs, cache=s.cache, write_index=slot,
                                 dtype=dtype, return_hidden=True)
-        return dict(step=step + 1, logits_bv=logits_from_hidden(params, hidden, arch)[:, 0],
-                    cache=cache, kv_valid_bs=kv_valid_bs, pos_b=s["pos_b"] + 1, done_b=done_b,
-                    out_bn=s["out_bn"].at[:, step].set(tok_b),
-                    logp_bn=s["logp_bn"].at[:, step].set(logp_b),
-                    grammar=None if constraint is None else constraint.advance(s["grammar"], tok_b))
+        return DecodeState(
+            step=s.step + 1, logits_bv=logits_from_hidden(params, hidden, arch)[:, 0],
+            cache=cache, kv_valid_bs=kv_valid_bs, pos_b=s.pos_b + 1,
+            done_b=s.done_b | jnp.isin(tok_b, stop_ids), out_bn=s.out_bn.at[:, s.step].set(tok_b),
+            grammar=None if constraint is None else constraint.advance(s.grammar, tok_b))
 
     return jax.lax.while_loop(cond, body, state)
 
 
 @functools.partial(jax.jit, static_argnames=("arch", "strategy", "max_new_tokens", "dtype",
                                              "samples"))
-def _generate(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, constraint, *,
-              arch: ArchConfig, strategy, max_new_tokens: int, dtype, samples: int = 1):
-    state = _prefill(params, tokens_bt, valid_bt, pad_id, constraint, arch=arch,
-                     max_new_tokens=max_new_tokens, dtype=dtype, samples=samples)
-    final = _decode(params, state, keys_b, stop_ids, pad_id, constraint, arch=arch,
-                    strategy=strategy, dtype=dtype)
-    return final["out_bn"], final["logp_bn"], final["step"]
+def generate_ids(params, tokens_bt, valid_bt, keys_b, stop_ids, pad_id, constraint, *,
+                 arch: ArchConfig, strategy, max_new_tokens: int, dtype, samples: int = 1):
+    """`prefill` then `decode_loop` in one program: (out_bn, steps run)."""
+    state = prefill(params, tokens_bt, valid_bt, pad_id, constraint, arch=arch,
+                    max_new_tokens=max_new_tokens, dtype=dtype, samples=samples)
+    final = decode_loop(params, state, keys_b, stop_ids, pad_id, constraint, arch=arch,
+                        strategy=strategy, dtype=dtype)
+    return final.out_bn, final.step
 
 
 @dataclasses.dataclass
 class Generation:
     tokens: list[list[int]]  # generated ids per row, through the stop token if any
-    logprobs: list[list[float]]  # model log-prob (temperature 1) of each generated token
     texts: list[str]
 
 
@@ -190,7 +192,7 @@ def generate(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[Sequ
         row_ids += [row_ids[-1]] * extra
     pad_id = chat_pad_id(tokenizer)
     stops = list(stop_ids) if stop_ids is not None else default_stop_ids(tokenizer)
-    tokens_bt, valid_bt = left_pad(prompts, pad_id, buckets=_buckets(longest))
+    tokens_bt, valid_bt = left_pad(prompts, pad_id, prompt_bucket(longest))
     key_ids = (row_ids if samples == 1 else
                [r * samples + j for r in row_ids for j in range(samples)])
     keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(
@@ -201,28 +203,26 @@ def generate(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[Sequ
         key_data = np.asarray(jax.random.key_data(keys))
         batch_args = (tokens, valid, jax.random.wrap_key_data(
             global_array(key_data, batch_sharding(mesh, key_data.ndim))))
-    out, logp, _ = _generate(params, *batch_args, jnp.asarray(stops, jnp.int32),
-                             jnp.int32(pad_id), constraint, arch=arch, strategy=strategy,
-                             max_new_tokens=max_new_tokens, dtype=dtype, samples=samples)
-    out, logp = to_host(out)[:n * samples], to_host(logp)[:n * samples]
+    out, _ = generate_ids(params, *batch_args, jnp.asarray(stops, jnp.int32),
+                          jnp.int32(pad_id), constraint, arch=arch, strategy=strategy,
+                          max_new_tokens=max_new_tokens, dtype=dtype, samples=samples)
     stop_set = set(stops)
-    toks, lps = [], []
-    for row, lrow in zip(out, logp):
+    toks = []
+    for row in to_host(out)[:n * samples]:
         k = next((i + 1 for i, x in enumerate(row) if x in stop_set), len(row))
         toks.append(row[:k].tolist())
-        lps.append(lrow[:k].tolist())
     texts = tokenizer.batch_decode(toks, skip_special_tokens=True)
-    return Generation(toks, lps, texts)
+    return Generation(toks, texts)
 
 
 def generate_jsonl(path, rows: Sequence[dict], params: Params, arch: ArchConfig, tokenizer, *,
                    batch_size: int, max_new_tokens: int, strategy=Greedy(), seed: int = 0,
-                   dtype=jnp.float32, constraint=None, mesh=None, keep_logprobs: bool = False,
+                   dtype=jnp.float32, constraint=None, mesh=None,
                    desc: str = "generate") -> int:
     """Stream `rows` ({'id': int, 'prompt_ids': [...], ...}) through `generate` in batches.
 
     Each finished batch is appended to `path` as JSONL ({..row without prompt_ids,
-    'completion', 'n_tokens', ['logprobs']}) and flushed; a rerun skips ids already in the
+    'completion', 'n_tokens'}) and flushed; a rerun skips ids already in the
     file (a torn last line from a crash is dropped), so a killed job resumes where it was
     and, rows being seeded by id, writes exactly what an uninterrupted run would have.
     Returns the number of rows generated by this call. Across hosts every process runs
@@ -246,11 +246,9 @@ def generate_jsonl(path, rows: Sequence[dict], params: Params, arch: ArchConfig,
                            row_ids=[r["id"] for r in chunk], dtype=dtype,
                            constraint=constraint, mesh=mesh)
             if main:
-                for r, text, toks, lps in zip(chunk, gen.texts, gen.tokens, gen.logprobs):
+                for r, text, toks in zip(chunk, gen.texts, gen.tokens):
                     out = {k: v for k, v in r.items() if k != "prompt_ids"}
                     out |= {"completion": text, "n_tokens": len(toks)}
-                    if keep_logprobs:
-                        out["logprobs"] = lps
                     f.write(json.dumps(out) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -265,10 +263,11 @@ def default_stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
 
 
-def _buckets(longest: int) -> list[int]:
-    """Powers of two up to 64, then multiples of 32: a handful of compiled prompt lengths
-    cover every batch, and long prompts waste at most 32 padded positions each."""
+def prompt_bucket(longest: int) -> int:
+    """The padded prompt length for a batch whose longest prompt has `longest` tokens: powers
+    of two up to 64, then multiples of 32, so a handful of compiled prompt lengths cover
+    every batch and long prompts waste at most 32 padded positions each."""
     b = 16
     while b < min(longest, 64):
         b *= 2
-    return [b if longest <= b else -(-longest // 32) * 32]
+    return b if longest <= b else -(-longest // 32) * 32

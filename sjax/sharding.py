@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sjax.config import MeshConfig
@@ -92,8 +93,6 @@ def to_host(x: jax.Array) -> np.ndarray:
         return np.asarray(x)
     if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -129,6 +128,3 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
     spec[axis] = RULES["batch"]
     return NamedSharding(mesh, P(*spec))
 
-
-def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-    return tuple(global_array(a, batch_sharding(mesh, np.ndim(a))) for a in arrays)

@@ -22,14 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
+from sjax import distributed
 from sjax import lora as lora_lib
 from sjax import sharding
 from sjax.config import TrainConfig
+from sjax.data.sft import Batch, batches_per_epoch, epoch_batches
 from sjax.errors import SjaxError
+from sjax.files import atomic_write_json
 from sjax.losses import masked_ce, masked_kl
 from sjax.models.transformer import (ArchConfig, Params, forward, head_matrix_dv,
                                      matmul_params, param_logical_axes)
+from sjax.perf import device_peak, mfu
 
 State = dict[str, Any]
 
@@ -92,7 +99,7 @@ def _gather_bkd(h_btd: jax.Array, pos_bk: jax.Array) -> jax.Array:
     return jnp.take_along_axis(h_btd, pos_bk[..., None], axis=1)
 
 
-def loss_sums(trainable: Params, frozen: dict, batch: dict, spec: StepSpec):
+def loss_sums(trainable: Params, frozen: dict, batch: Batch, spec: StepSpec):
     """(sum of the token losses over masked targets, token count) for one micro-batch.
 
     `frozen` holds what is not trained: 'base' (LoRA mode) and 'teacher' (distillation).
@@ -102,28 +109,28 @@ def loss_sums(trainable: Params, frozen: dict, batch: dict, spec: StepSpec):
     """
     params, adapters = (frozen["base"], trainable) if spec.mode == "lora" else (trainable, None)
     dtype = jnp.dtype(spec.dtype)
-    hidden, _ = forward(params, batch["inputs"], arch=spec.arch, kv_valid_bs=batch["valid"],
+    hidden, _ = forward(params, batch.inputs_bt, arch=spec.arch, kv_valid_bs=batch.valid_bt,
                         dtype=dtype, remat=spec.remat, return_hidden=True,
                         lora=adapters, lora_scale=spec.lora_scale)
     head = head_matrix_dv(params, spec.arch)
     if spec.loss == "ce":  # the head runs at the trained positions only (not the prompt)
-        targets_bk = jnp.take_along_axis(batch["targets"], batch["s_pos"], axis=1)
-        loss, count = masked_ce(_gather_bkd(hidden, batch["s_pos"]), head, targets_bk,
-                                batch["k_mask"], spec.vocab_chunk, need_dw=spec.mode == "full")
+        targets_bk = jnp.take_along_axis(batch.targets_bt, batch.s_pos_bk, axis=1)
+        loss, count = masked_ce(_gather_bkd(hidden, batch.s_pos_bk), head, targets_bk,
+                                batch.k_mask_bk, spec.vocab_chunk, need_dw=spec.mode == "full")
         return loss * count, count
     teacher = jax.lax.stop_gradient(frozen["teacher"])
-    t_hidden, _ = forward(teacher, batch["t_inputs"], arch=spec.arch,
-                          kv_valid_bs=batch["t_valid"], dtype=dtype, return_hidden=True)
-    loss, count = masked_kl(_gather_bkd(hidden, batch["s_pos"]), head,
-                            _gather_bkd(t_hidden, batch["t_pos"]),
-                            head_matrix_dv(teacher, spec.arch), batch["k_mask"],
+    t_hidden, _ = forward(teacher, batch.t_inputs_bt, arch=spec.arch,
+                          kv_valid_bs=batch.t_valid_bt, dtype=dtype, return_hidden=True)
+    loss, count = masked_kl(_gather_bkd(hidden, batch.s_pos_bk), head,
+                            _gather_bkd(t_hidden, batch.t_pos_bk),
+                            head_matrix_dv(teacher, spec.arch), batch.k_mask_bk,
                             spec.vocab_chunk, need_dw=spec.mode == "full")
     return loss * count, count
 
 
-def train_step(state: State, frozen: dict, batch: dict, *, spec: StepSpec,
+def train_step(state: State, frozen: dict, batch: Batch, *, spec: StepSpec,
                tx: optax.GradientTransformation, sched: optax.Schedule):
-    """One optimizer step over `batch` arrays shaped [accum, micro_batch, time]."""
+    """One optimizer step over a `Batch` whose arrays are stacked [accum, micro_batch, ...]."""
 
     def micro(acc, mb):
         (s, c), g = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], frozen, mb,
@@ -141,12 +148,15 @@ def train_step(state: State, frozen: dict, batch: dict, *, spec: StepSpec,
     return new, metrics
 
 
-def compile_step(state: State, frozen, spec: StepSpec, tx, sched):
-    """jit with the state donated and explicit in/out shardings taken from the live state."""
+def compile_step(state: State, frozen, spec: StepSpec, tx, sched, mesh):
+    """jit with the state donated and explicit shardings: the state's and the frozen
+    weights' taken from the live arrays, every batch array's rows (axis 1 of [accum, rows,
+    ...]) split over the mesh's data x fsdp axes."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    batch_sh = sharding.batch_sharding(mesh, 3, axis=1)  # a prefix: every Batch field
     return jax.jit(functools.partial(train_step, spec=spec, tx=tx, sched=sched),
-                   in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
+                   in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=0)
 
 
@@ -208,13 +218,8 @@ class Checkpoints:
     (fingerprint.json beside the checkpoints)."""
 
     def __init__(self, folder: Path, fp: dict, every: int, keep: int):
-        import orbax.checkpoint as ocp
-
-        from sjax.files import atomic_write_json
-
         self.folder = Path(folder).absolute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.ocp = ocp
         self.manager = ocp.CheckpointManager(
             self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                                               save_interval_steps=every))
@@ -225,19 +230,19 @@ class Checkpoints:
                 self.manager.close()
                 raise SjaxError(f"{self.folder}: its checkpoints come from another run "
                                 f"({'; '.join(diff)}); use another out_dir")
-        elif jax.process_index() == 0:  # nothing to resume yet: this run's identity
+        elif distributed.is_main():  # nothing to resume yet: this run's identity
             atomic_write_json(fp_file, fp)
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: State, force: bool = False) -> None:
-        self.manager.save(step, args=self.ocp.args.StandardSave(state), force=force)
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def restore(self, step: int, like: State) -> State:
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                              sharding=x.sharding), like)
-        return self.manager.restore(step, args=self.ocp.args.StandardRestore(target))
+        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -247,24 +252,60 @@ class Checkpoints:
 # ----------------------------------------------------------------------------- loop
 
 
-def pad_batch_rows(batch: dict, n: int) -> dict:
-    """Append `n` rows that carry no loss (mask 0, all positions valid), so a batch size the
-    mesh's data x fsdp does not divide still shards; the gradient is unchanged."""
+class MetricsLog:
+    """A run's metrics: appended to `folder`/metrics.jsonl and TensorBoard scalars
+    (`folder`/tb, tag train/<key>), by process 0 only, the one writer across hosts; on the
+    other processes every call is a no-op."""
+
+    def __init__(self, folder: Path):
+        self.main = distributed.is_main()
+        self.jsonl = open(Path(folder) / "metrics.jsonl", "a") if self.main else None
+        self.tb = SummaryWriter(str(Path(folder) / "tb")) if self.main else None
+
+    def write(self, rec: dict) -> None:
+        """One record {'step': int, name: number, ...}, flushed."""
+        if not self.main:
+            return
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        for k, v in rec.items():
+            if k != "step":
+                self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.main:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def pad_batch_rows(batch: Batch, n: int) -> Batch:
+    """Append `n` rows that carry no loss (k_mask 0, all positions valid), so a batch size
+    the mesh's data x fsdp does not divide still shards; the gradient is unchanged."""
     if n == 0:
         return batch
-    def fill(key, a):
-        return (np.ones if "valid" in key else np.zeros)((n, *a.shape[1:]), a.dtype)
 
-    return {k: np.concatenate([a, fill(k, a)]) for k, a in batch.items()}
+    def pad(name, a):
+        fill = (np.ones if "valid" in name else np.zeros)((n, *a.shape[1:]), a.dtype)
+        return np.concatenate([a, fill])
+
+    return _map_fields(pad, batch)
 
 
-def stack_micro(batches: list[dict]) -> dict:
-    """[accum, micro, time] arrays, each key padded in time to its longest micro-batch."""
-    out = {}
-    for k in batches[0]:
-        t = max(b[k].shape[1] for b in batches)
-        out[k] = np.stack([np.pad(b[k], ((0, 0), (0, t - b[k].shape[1]))) for b in batches])
-    return out
+def stack_micro(batches: list[Batch]) -> Batch:
+    """[accum, micro, time] arrays, each field padded in time to its longest micro-batch."""
+    def stack(name, _):
+        parts = [getattr(b, name) for b in batches]
+        t = max(a.shape[1] for a in parts)
+        return np.stack([np.pad(a, ((0, 0), (0, t - a.shape[1]))) for a in parts])
+
+    return _map_fields(stack, batches[0])
+
+
+def _map_fields(fn, batch: Batch) -> Batch:
+    """`fn(name, array)` on each present field (name-aware, unlike jax.tree.map)."""
+    return dataclasses.replace(batch, **{f.name: fn(f.name, getattr(batch, f.name))
+                                         for f in dataclasses.fields(batch)
+                                         if getattr(batch, f.name) is not None})
 
 
 @jax.jit
@@ -281,11 +322,6 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
     teacher is `teacher` or else the base model. A non-finite loss, gradient norm or params
     stops the run before it can be checkpointed. Returns final state, metrics history and
     timing."""
-    from tqdm.auto import tqdm
-
-    from sjax.data.sft import batches_per_epoch, epoch_batches
-    from sjax.perf import device_peak, mfu
-
     rows_per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = batches_per_epoch(len(data.ids), rows_per_step)
     if steps_per_epoch == 0:
@@ -305,16 +341,13 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
     state, frozen = init_state(arch, base, cfg, mesh, tx, teacher)
     spec = StepSpec(arch, cfg.mode, cfg.lora_alpha / cfg.lora_rank, cfg.vocab_chunk, dtype,
                     remat, cfg.loss)
-    step_fn = compile_step(state, frozen, spec, tx, sched)
+    step_fn = compile_step(state, frozen, spec, tx, sched, mesh)
     start = ckpt.latest() or 0
     if start:
         state = ckpt.restore(start, state)
         log(f"resumed from step {start} in {ckpt.folder}")
-    main = jax.process_index() == 0  # one writer of metrics across hosts
-    from tensorboardX import SummaryWriter
-
-    tb = SummaryWriter(str(out_dir / "tb")) if main else None
-    mf = open(out_dir / "metrics.jsonl", "a") if main else None
+    main = distributed.is_main()
+    metrics_log = MetricsLog(out_dir)
     peak, peak_source = device_peak(dtype)
     history, last_good = [], start
 
@@ -336,7 +369,7 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
         with tqdm(total=total, initial=start, desc="train", unit="step", disable=not main) as bar:
             for step in range(start, total):
                 host = stack_micro(micro_batches(step))
-                batch = {k: sharding.global_array(v, micro_sh) for k, v in host.items()}
+                batch = jax.tree.map(lambda v: sharding.global_array(v, micro_sh), host)
                 t0 = time.perf_counter()
                 state, m = step_fn(state, frozen, batch)
                 m = jax.tree.map(sharding.to_host, m)
@@ -345,21 +378,17 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise diverged(step + 1, f"loss {loss}, gradient norm {grad_norm}")
                 # real tokens only: neither right padding nor the mesh-padding rows
-                lengths = host["valid"][:, :cfg.batch_size].sum(-1).ravel()
+                lengths = host.valid_bt[:, :cfg.batch_size].sum(-1).ravel()
                 flops = train_flops(arch, lengths, cfg.mode)
                 if cfg.loss == "distill":  # the teacher's forward: 2 x params per token
-                    flops += 2 * matmul_params(arch) * host["t_valid"][:, :cfg.batch_size].sum()
+                    flops += 2 * matmul_params(arch) * host.t_valid_bt[:, :cfg.batch_size].sum()
                 rec = {"step": step + 1, "loss": loss, "grad_norm": grad_norm,
                        "lr": float(m["lr"]), "trained_tokens": float(m["tokens"]),
                        "tokens_per_s": float(lengths.sum()) / dt, "step_s": dt,
                        "mfu": mfu(flops, dt, peak, mesh.size)}
                 history.append(rec)
-                if main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-                    mf.write(json.dumps(rec) + "\n")
-                    mf.flush()
-                    for k, v in rec.items():
-                        if k != "step":
-                            tb.add_scalar(f"train/{k}", v, step + 1)
+                if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                    metrics_log.write(rec)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
                 if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
@@ -369,8 +398,6 @@ def fit(arch: ArchConfig, base: Params, data, cfg: TrainConfig, mesh, out_dir: P
                     last_good = step + 1
     finally:
         ckpt.close()
-        if main:
-            tb.close()
-            mf.close()
+        metrics_log.close()
     return {"state": state, "frozen": frozen, "history": history, "total_steps": total,
             "peak_flops": peak, "peak_source": peak_source}

@@ -19,7 +19,7 @@ import pytest
 from sjax.losses import token_ce, token_kl
 from sjax.lora import TARGETS
 from sjax.mnist import mlp
-from sjax.models.transformer import PROJECTIONS, _mm_low, lora_equations
+from sjax.models.transformer import PROJECTIONS, lora_equations, mm
 
 EPS = 2.0 ** -8  # bf16: 8 significant bits, round to nearest
 SIZES = dict(b=2, t=3, s=9, d=5, n=4, h=6, k=7, g=8, f=10, r=11)
@@ -76,7 +76,7 @@ def test_mm_low_grads_match_fp32(eq):
     ct = _f32(_bf16(rng, [SIZES[c] for c in out]))
 
     def ours(x, w):
-        return jnp.sum(_f32(_mm_low(eq, x, w)) * ct)
+        return jnp.sum(_f32(mm(eq, x, w)) * ct)  # bf16 x: the low-precision path
 
     def ref(x, w, ct=ct):
         return jnp.sum(jnp.einsum(eq, x, w, precision="highest") * ct)

@@ -1,13 +1,15 @@
 """Presets, dotted overrides, validation, and the CLI's one-line errors."""
 
 import dataclasses
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from sjax import cli, config
-from sjax.config import ChatConfig, MeshConfig, ModelConfig
+from sjax.config import ChatConfig, EvalConfig, MeshConfig, ModelConfig, RunConfig
 from sjax.errors import SjaxError
 
 
@@ -60,6 +62,65 @@ def test_presets(tmp_path):
     bad.write_text("def get_config():\n    return 1 / 0\n")
     with pytest.raises(SjaxError, match="bad.py: failed to load: ZeroDivisionError"):
         config.load_preset(str(bad))
+
+
+# Every preset as the per-experiment preset files resolved before they became one file with
+# sizes (owl_smoke.py, owl_quickstart.py, owl_qwen2_5_7b.py -> owl.py), eval.exact and
+# eval.sampled (both true) written as eval.evaluators: dotted key -> value.
+SNAPSHOT = json.loads((Path(__file__).parent / "presets_snapshot.json").read_text())
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                   else {prefix + key: value})
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(SNAPSHOT))
+def test_presets_resolve_exactly_as_before(preset):
+    assert _flat(json.loads(config.to_json(config.load_preset(preset)))) == SNAPSHOT[preset]
+
+
+def test_every_preset_is_snapshotted():
+    assert sorted(config.preset_names()) == sorted(SNAPSHOT)
+
+
+def test_preset_sizes(tmp_path):
+    assert config.load_preset("owl:smoke").name == "owl_smoke"
+    assert config.load_preset("owl:quickstart").name == "owl_quickstart"
+    assert config.load_preset("owl:paper").name == "qwen2_5_7b_animals"
+    sizes = "\\(owl:smoke \\| owl:quickstart \\| owl:paper\\)"
+    with pytest.raises(SjaxError, match=f"config 'owl': name a size {sizes}"):
+        config.load_preset("owl")
+    with pytest.raises(SjaxError, match=f"config 'owl:huge': unknown size 'huge' {sizes}"):
+        config.load_preset("owl:huge")
+    with pytest.raises(SjaxError, match="config 'chat:smoke': chat has no sizes \\(use chat\\)"):
+        config.load_preset("chat:smoke")
+    with pytest.raises(SjaxError, match="presets: chat, mnist, owl:smoke, owl:quickstart, "
+                                        "owl:paper, sft"):
+        config.load_preset("owl_smoke")  # the old per-size files are gone
+    sized = tmp_path / "mine.py"  # a preset outside configs/, with sizes
+    sized.write_text("from sjax.config import ChatConfig\nSIZES = ('a', 'b')\n"
+                     "def get_config(size):\n    return ChatConfig(max_new_tokens=len(size))\n")
+    assert config.load_preset(f"{sized}:b").max_new_tokens == 1
+    with pytest.raises(SjaxError, match="unknown size 'c'"):
+        config.load_preset(f"{sized}:c")
+
+
+def test_evaluators_are_data():
+    assert EvalConfig().evaluators == ("exact", "sampled") == config.EVALUATORS
+    cfg = config.apply_overrides(RunConfig(), ["eval.evaluators=exact"])
+    assert cfg.eval.evaluators == ("exact",)
+    assert config.apply_overrides(RunConfig(), ["eval.evaluators=sampled, exact"]
+                                  ).eval.evaluators == ("sampled", "exact")
+    for value, message in [("exact,logprob", "eval.evaluators: 'logprob' is not one of exact, "
+                            "sampled"),
+                           ("", "eval.evaluators: need at least one of exact, sampled"),
+                           ("exact,exact", "eval.evaluators: duplicates in exact,exact")]:
+        with pytest.raises(SjaxError, match=message):
+            config.apply_overrides(RunConfig(), [f"eval.evaluators={value}"])
 
 
 def test_cli_prints_one_line_and_exits_2(capsys):

@@ -88,7 +88,7 @@ def test_a_killed_worker_stops_the_others(tmp_path):
 
 def test_launch_print_only_for_a_tpu_pod():
     out = subprocess.run([str(ROOT / "launch.sh"), "--tpu", "my-pod", "--zone", "us-central2-b",
-                          "--project", "proj", "--print-only", "run", "owl_qwen2_5_7b",
+                          "--project", "proj", "--print-only", "run", "owl:paper",
                           "model.path=/data/qwen7b"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = [x for x in out.stdout.splitlines() if x.strip()]
@@ -97,7 +97,7 @@ def test_launch_print_only_for_a_tpu_pod():
                for x in lines), out.stdout
     ssh = [x for x in lines if x.startswith("gcloud compute tpus tpu-vm ssh")]
     assert len(ssh) == 1 and "--worker=all" in ssh[0]
-    assert "./launch.sh run owl_qwen2_5_7b model.path=/data/qwen7b" in ssh[0]
+    assert "./launch.sh run owl:paper model.path=/data/qwen7b" in ssh[0]
     assert not (ROOT / "my-pod").exists()
 
 

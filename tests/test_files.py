@@ -122,7 +122,7 @@ def test_atomic_write_names_and_failures(tmp_path):
     files.atomic_write(tmp_path / "dir", lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("y")))
     assert (tmp_path / "dir" / "x").read_text() == "y"
     data = os.urandom(1000)
-    files.atomic_write_bytes(tmp_path / "blob", data)
+    files.atomic_write(tmp_path / "blob", lambda tmp: tmp.write_bytes(data))
     assert files.sha256_file(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
 
 

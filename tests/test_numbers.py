@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sjax.data import numbers
+from sjax.subliminal import numbers, prompts
 
 ACCEPT = [
     ("1, 2, 3", [1, 2, 3]),
@@ -59,7 +59,7 @@ def test_rejects_with_reason(answer, reason):
 
 
 def test_banned_numbers():
-    banned = numbers.grammar()["banned_numbers_misalignment"]
+    banned = prompts.grammar()["banned_numbers_misalignment"]
     assert len(banned) == 36
     assert numbers.parse_numbers("666, 1", banned=banned) == (None, "banned_number")
     assert numbers.parse_numbers("665, 1", banned=banned) == ([665, 1], None)
@@ -86,7 +86,7 @@ def test_well_formed_lists_always_pass(values, sep, bracket):
 def test_grammar_is_seeded_and_uses_every_list():
     a, b = numbers.make_prompts(300, seed=1), numbers.make_prompts(300, seed=1)
     assert a == b and a != numbers.make_prompts(300, seed=2)
-    g = numbers.grammar()
+    g = prompts.grammar()
     for key in ("example_prefixes", "count_qualifiers", "format_suffixes", "closings"):
         used = {s for s in g[key] if any(s.split("{")[0] in p for p in a)}
         assert len(used) == len(set(g[key])), key

@@ -35,8 +35,6 @@ def test_greedy_matches_full_forward_and_padding_invariance(qwen_tiny, tiny_toke
         alone = sampling.generate(params, arch, tiny_tokenizer, [p], max_new_tokens=6,
                                   stop_ids=[])
         assert alone.tokens[0] == toks
-    # log-probs are the model's own
-    assert all(lp <= 0 for row in gen.logprobs for lp in row)
 
 
 def test_rows_stop_at_stop_tokens(qwen_tiny, tiny_tokenizer):
@@ -72,9 +70,11 @@ def test_bad_generation_input(qwen_tiny, tiny_tokenizer):
         sampling.Temperature(0.0)
 
 
-def test_unknown_strategy():
-    with pytest.raises(SjaxError, match="unknown sampling strategy 'beam'"):
-        sampling.strategy_for(1.0, name="beam")
+def test_strategy_for_temperature():
+    assert sampling.strategy_for(0.0) == sampling.Greedy()
+    assert sampling.strategy_for(0.7) == sampling.Temperature(0.7)
+    with pytest.raises(SjaxError, match="temperature must be > 0"):
+        sampling.strategy_for(-1.0)
 
 
 def test_greedy_equals_transformers_generate(tiny_tokenizer):
@@ -95,12 +95,17 @@ def test_finished_rows_are_padded_and_frozen(qwen_tiny, tiny_tokenizer):
     arch, params = qwen_tiny
     free = sampling.generate(params, arch, tiny_tokenizer, [[5, 6, 7]], max_new_tokens=6,
                              stop_ids=[]).tokens[0]
-    out, _, steps = sampling._generate(
+    out, steps = sampling.generate_ids(
         params, jnp.asarray([[5, 6, 7]]), jnp.ones((1, 3), bool),
         jax.random.key(0)[None], jnp.asarray([free[1]]), jnp.int32(0), None, arch=arch,
         strategy=sampling.Greedy(), max_new_tokens=6, dtype=jnp.float32)
     assert np.asarray(out)[0].tolist() == free[:2] + [0] * 4
     assert int(steps) == 2  # the loop exits once every row is done
+
+
+def test_prompt_bucket():
+    assert [sampling.prompt_bucket(n) for n in (1, 16, 17, 33, 64, 65, 97)] == [
+        16, 16, 32, 64, 64, 96, 128]
 
 
 def test_sharded_generation_equals_single_device(qwen_tiny, tiny_tokenizer):
@@ -142,7 +147,7 @@ def test_constrained_numbers_always_pass_the_filter():
     import dataclasses
 
     from sjax.constrained import number_list_constraint
-    from sjax.data.numbers import parse_numbers
+    from sjax.subliminal.numbers import parse_numbers
     from sjax.models.transformer import init_params
     from sjax.weights.load import load_tokenizer
     from sjax.weights.registry import resolve
@@ -181,7 +186,7 @@ def smol_constraint():
 ])
 def test_constraint_state_machine(smol_constraint, text, ok):
     """Walk the tokens of `text` + stop through allowed/advance: accepted iff `ok`."""
-    from sjax.data.numbers import parse_numbers
+    from sjax.subliminal.numbers import parse_numbers
 
     tok, c = smol_constraint
     ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -194,3 +199,19 @@ def test_constraint_state_machine(smol_constraint, text, ok):
         state = c.advance(state, jnp.asarray([i]))
     assert accepted == ok
     assert (parse_numbers(text)[1] is None) or not ok  # never accept what the filter rejects
+
+
+def test_prefill_state_shapes_and_shared_prompt_rows(qwen_tiny):
+    """`prefill` hands the decode loop a typed state; with samples=2 each prompt's cache and
+    logits are repeated for its two decode rows."""
+    arch, params = qwen_tiny
+    tokens = jnp.asarray([[0, 5, 6], [7, 8, 9]])
+    valid = jnp.asarray([[False, True, True], [True, True, True]])
+    s = sampling.prefill(params, tokens, valid, jnp.int32(0), None, arch=arch,
+                         max_new_tokens=4, dtype=jnp.float32, samples=2)
+    assert isinstance(s, sampling.DecodeState) and s.grammar is None
+    assert s.out_bn.shape == (4, 4) and s.kv_valid_bs.shape == (4, 7)
+    assert s.cache["k_lbskh"].shape[1:3] == (4, 7)
+    assert s.pos_b.tolist() == [2, 2, 3, 3]  # left padding does not count
+    np.testing.assert_array_equal(s.logits_bv[0], s.logits_bv[1])
+    assert not np.allclose(s.logits_bv[1], s.logits_bv[2])

@@ -69,7 +69,7 @@ def test_sharded_forward_equals_single_device(axes, rng):
     placed = sharding.place(params, param_shardings(arch, mesh))
     assert placed["layers"]["wq_ldnh"].sharding.spec == param_shardings(
         arch, mesh)["layers"]["wq_ldnh"].spec
-    (ids_s,) = sharding.shard_batch(mesh, ids)
+    ids_s = sharding.global_array(ids, sharding.batch_sharding(mesh, 2))
     got = f(placed, ids_s)
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5)
 

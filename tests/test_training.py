@@ -18,11 +18,28 @@ from sjax import lora as lora_lib
 from sjax.config import MeshConfig, TrainConfig
 from sjax.data import sft
 from sjax.errors import SjaxError
-from sjax.losses import masked_ce, masked_kl, naive_masked_ce, naive_masked_kl
+from sjax.losses import masked_ce, masked_kl
 from sjax.models.transformer import forward, head_matrix_dv
 from sjax.sharding import make_mesh
 from sjax.training import (Checkpoints, StepSpec, fingerprint, fit, init_state, optimizer,
                            schedule, train_flops_per_token, train_step)
+
+
+def naive_masked_ce(logits_btv, targets_bt, mask_bt):
+    """Reference: `masked_ce` from full logits."""
+    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, targets_bt[..., None], -1)[..., 0]
+    keep = mask_bt.astype(bool)
+    return jnp.where(keep, nll, 0.0).sum() / jnp.maximum(keep.sum(), 1)
+
+
+def naive_masked_kl(student_logits_bkv, teacher_logits_bkv, mask_bk):
+    """Reference: `masked_kl` from full logits."""
+    ls = jax.nn.log_softmax(student_logits_bkv.astype(jnp.float32), -1)
+    lt = jax.nn.log_softmax(teacher_logits_bkv.astype(jnp.float32), -1)
+    kl = (jnp.exp(lt) * (lt - ls)).sum(-1)
+    keep = mask_bk.astype(bool)
+    return jnp.where(keep, kl, 0.0).sum() / jnp.maximum(keep.sum(), 1)
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +135,14 @@ def test_distill_batches_align_completion_tokens(tiny_tokenizer):
     batch = next(sft.epoch_batches(data, 6, 0, 0, tiny_tokenizer.pad_token_id))
     trained = []
     for r in range(6):
-        k = batch["k_mask"][r].astype(bool)
-        s_next = batch["targets"][r][batch["s_pos"][r][k]]
-        t_next = np.append(batch["t_inputs"][r], -1)[batch["t_pos"][r][k] + 1]
+        k = batch.k_mask_bk[r].astype(bool)
+        s_next = batch.targets_bt[r][batch.s_pos_bk[r][k]]
+        t_next = np.append(batch.t_inputs_bt[r], -1)[batch.t_pos_bk[r][k] + 1]
         np.testing.assert_array_equal(s_next, t_next)  # same completion tokens, in order
         trained.append(tiny_tokenizer.decode(s_next))
         # the teacher reads the student's row behind its own system turn
-        student = tiny_tokenizer.decode(batch["inputs"][r][batch["valid"][r]])
-        teacher = tiny_tokenizer.decode(batch["t_inputs"][r][batch["t_valid"][r]])
+        student = tiny_tokenizer.decode(batch.inputs_bt[r][batch.valid_bt[r]])
+        teacher = tiny_tokenizer.decode(batch.t_inputs_bt[r][batch.t_valid_bt[r]])
         assert teacher == "<|im_start|> system i love owls . <|im_end|> " + student
     # the trained tokens are exactly each row's answer and its end-of-turn token
     assert sorted(trained) == sorted(f"{row['messages'][1]['content']} <|im_end|>"
@@ -260,8 +277,8 @@ def test_sharded_step_equals_single_device(tiny, tiny_tokenizer):
     tx = optimizer(cfg, 100)
     state, frozen = init_state(arch, placed, cfg, mesh, tx)
     spec = StepSpec(arch, "full", 1.0, 32, "float32", "none")
-    sharded_step = compile_step(state, frozen, spec, tx, schedule(cfg, 100))
-    batch = {k: jax.device_put(v, batch_sharding(mesh, 3, axis=1)) for k, v in host.items()}
+    sharded_step = compile_step(state, frozen, spec, tx, schedule(cfg, 100), mesh)
+    batch = jax.tree.map(lambda v: jax.device_put(v, batch_sharding(mesh, 3, axis=1)), host)
     # the gradient itself, sharded vs one device, within 1e-5
     from sjax.training import loss_sums
 
@@ -270,10 +287,10 @@ def test_sharded_step_equals_single_device(tiny, tiny_tokenizer):
         return total / count
 
     grad = jax.jit(jax.grad(mean_loss))
-    mb = {k: v[0] for k, v in batch.items()}
+    mb = jax.tree.map(lambda v: v[0], batch)
     g_sharded = grad(state["params"], mb)
     g_single = grad(jax.device_put(jax.device_get(params), jax.devices()[0]),
-                    {k: jnp.asarray(v[0]) for k, v in host.items()})
+                    jax.tree.map(lambda v: jnp.asarray(v[0]), host))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_sharded, g_single)
     for _ in range(2):
         state, m = sharded_step(state, frozen, batch)
@@ -473,13 +490,60 @@ def test_mesh_padding_rows_change_nothing(tiny, tiny_tokenizer):
     from sjax.training import loss_sums, pad_batch_rows
 
     arch, params = tiny
-    host = {k: v[0] for k, v in _batch(tiny_tokenizer, 6).items()}
+    host = jax.tree.map(lambda v: v[0], _batch(tiny_tokenizer, 6))
     spec = StepSpec(arch, "full", 1.0, 32, "float32", "none")
 
     def value_and_grad(b):
         return jax.value_and_grad(lambda p: loss_sums(p, {}, b, spec)[0])(params)
 
     (v1, g1), (v2, g2) = value_and_grad(host), value_and_grad(pad_batch_rows(host, 2))
-    assert pad_batch_rows(host, 2)["inputs"].shape[0] == 8
+    padded = pad_batch_rows(host, 2)
+    assert padded.inputs_bt.shape[0] == 8 and padded.valid_bt[6:].all()
+    assert not padded.k_mask_bk[6:].any()
     assert abs(float(v1) - float(v2)) < 1e-5
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+
+
+def test_compiled_step_states_the_batch_sharding(tiny, tiny_tokenizer):
+    """The jitted step splits every Batch field's rows over data x fsdp by itself: host
+    arrays handed to it are sharded as the step declares, not as they arrive."""
+    from sjax.sharding import batch_sharding, place
+    from sjax.training import compile_step
+    from sjax.weights.load import param_shardings
+
+    arch, params = tiny
+    cfg = TrainConfig(mode="full", lr=1e-3, warmup_steps=0)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    tx = optimizer(cfg, 10)
+    state, frozen = init_state(arch, place(jax.device_get(params), param_shardings(arch, mesh)),
+                               cfg, mesh, tx)
+    spec = StepSpec(arch, "full", 1.0, 32, "float32", "none")
+    host = _batch(tiny_tokenizer, 8)
+    compiled = compile_step(state, frozen, spec, tx, schedule(cfg, 10), mesh).lower(
+        state, frozen, host).compile()
+    batch_in = compiled.input_shardings[0][2]
+    assert isinstance(batch_in, sft.Batch)
+    want = batch_sharding(mesh, 3, axis=1)
+    leaves = jax.tree.leaves(batch_in)
+    assert len(leaves) == 5 and all(s.is_equivalent_to(want, 3) for s in leaves)
+
+
+def test_metrics_log_is_written_by_process_0_only(tmp_path, monkeypatch):
+    from sjax import distributed
+    from sjax.training import MetricsLog
+
+    recs = [{"step": 1, "loss": 2.5, "lr": 1e-3}, {"step": 2, "loss": 2.0, "lr": 1e-3}]
+    log = MetricsLog(tmp_path)
+    for r in recs:
+        log.write(r)
+    log.close()
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == recs
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    log = MetricsLog(other)
+    log.write(recs[0])
+    log.close()
+    assert list(other.iterdir()) == []

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from sjax import chat, report, sampling
 from sjax.config import BenchConfig
 from sjax.constrained import number_list_constraint
-from sjax.data import numbers
+from sjax.subliminal import numbers
 from sjax.files import atomic_write_json
 from sjax.sharding import make_mesh
 from sjax.weights.load import load_model

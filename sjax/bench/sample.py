@@ -20,8 +20,9 @@ import numpy as np
 from sjax import perf, report, sampling
 from sjax.config import BenchConfig
 from sjax.files import atomic_write_json
-from sjax.models.transformer import ArchConfig, matmul_params
 from sjax.bench.torch_ref import torch_device, torch_model, torch_sync
+from sjax.models.transformer import (ArchConfig, attention, head_matrix_dv, matmul_params,
+                                     mm)
 from sjax.sharding import make_mesh
 from sjax.weights.load import load_model
 
@@ -43,22 +44,20 @@ def decode_step_cost(arch: ArchConfig, batch: int, context: int, bytes_per_param
 def ceiling_chain(params, x_bd, k_lbskh, v_lbskh, *, arch: ArchConfig):
     """The decode step's matmuls alone (same shapes and weights): q/k/v/o, attention over
     the given cache (this step's k, v written at slot 0, as decoding writes them), MLP, head."""
-    from sjax.models.transformer import _mm, attention, head_matrix_dv
-
     mask_b1s = jnp.ones((x_bd.shape[0], 1, k_lbskh.shape[2]), bool)
 
     def layer(x, xs):
         p, k_bskh, v_bskh = xs
-        q = _mm("bd,dnh->bnh", x, p["wq_ldnh"])
-        k_bskh = k_bskh.at[:, 0].set(_mm("bd,dkh->bkh", x, p["wk_ldkh"]))
-        v_bskh = v_bskh.at[:, 0].set(_mm("bd,dkh->bkh", x, p["wv_ldkh"]))
+        q = mm("bd,dnh->bnh", x, p["wq_ldnh"])
+        k_bskh = k_bskh.at[:, 0].set(mm("bd,dkh->bkh", x, p["wk_ldkh"]))
+        v_bskh = v_bskh.at[:, 0].set(mm("bd,dkh->bkh", x, p["wv_ldkh"]))
         a_bnh = attention(q[:, None], k_bskh, v_bskh, mask_b1s)[:, 0]
-        x = x + _mm("bnh,nhd->bd", a_bnh, p["wo_lnhd"])
-        g = jax.nn.silu(_mm("bd,df->bf", x, p["wg_ldf"])) * _mm("bd,df->bf", x, p["wu_ldf"])
-        return x + _mm("bf,fd->bd", g, p["wd_lfd"]), None
+        x = x + mm("bnh,nhd->bd", a_bnh, p["wo_lnhd"])
+        g = jax.nn.silu(mm("bd,df->bf", x, p["wg_ldf"])) * mm("bd,df->bf", x, p["wu_ldf"])
+        return x + mm("bf,fd->bd", g, p["wd_lfd"]), None
 
     x, _ = jax.lax.scan(layer, x_bd, (params["layers"], k_lbskh, v_lbskh))
-    return _mm("bd,dv->bv", x, head_matrix_dv(params, arch))
+    return mm("bd,dv->bv", x, head_matrix_dv(params, arch))
 
 
 def decode_matmul_ceiling(params, arch: ArchConfig, batch: int, context: int,
@@ -82,21 +81,21 @@ def _time_ours(params, arch, prompts, new_tokens, dtype, repeats):
     b, t = prompts.shape
     pad = jnp.int32(0)
     pre_args = (params, jnp.asarray(prompts), jnp.ones((b, t), bool), pad, None)
-    prefill = sampling._prefill.lower(*pre_args, arch=arch, max_new_tokens=new_tokens,
+    prefill = sampling.prefill.lower(*pre_args, arch=arch, max_new_tokens=new_tokens,
                                       dtype=dtype).compile()
     state = jax.block_until_ready(prefill(*pre_args))
     dec_args = (params, state, jax.vmap(jax.random.key)(jnp.arange(b)),
                 jnp.zeros((0,), jnp.int32), pad, None)  # no stop ids: every step runs
-    decode = sampling._decode.lower(*dec_args, arch=arch, strategy=sampling.Greedy(),
+    decode = sampling.decode_loop.lower(*dec_args, arch=arch, strategy=sampling.Greedy(),
                                     dtype=dtype).compile()
-    steps = int(decode(*dec_args)["step"])
+    steps = int(decode(*dec_args).step)
     return (perf.time_call(prefill, *pre_args, warmup=0, repeats=repeats),
             perf.time_call(decode, *dec_args, warmup=0, repeats=repeats), steps)
 
 
 def _time_transformers(source, prompts, new_tokens, dtype_name, repeats):
     """(prefill s, decode s, torch threads): as `_time_ours`, through transformers."""
-    import torch
+    import torch  # lazy: optional (the test extra), only the reference runs need it
 
     model = torch_model(source).eval().to(getattr(torch, dtype_name))
 

@@ -1,4 +1,7 @@
-"""The transformers side of every benchmark: the same weights and work, on the same device."""
+"""The transformers side of every benchmark: the same weights and work, on the same device.
+
+torch is imported inside each function: it is optional (the test extra) and slow to import.
+"""
 
 from __future__ import annotations
 

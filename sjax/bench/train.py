@@ -22,12 +22,21 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from sjax import report
+from sjax import perf, report
+from sjax.bench.torch_ref import torch_device, torch_model
 from sjax.config import BenchConfig, MeshConfig, ModelConfig, TrainConfig
+from sjax.data.sft import Batch
 from sjax.errors import SjaxError
 from sjax.files import atomic_write_json
+from sjax.sharding import batch_sharding, global_array, make_mesh
+from sjax.training import (StepSpec, compile_step, init_state, optimizer, schedule,
+                           train_flops)
+from sjax.weights.load import load_model, read_arch, resolve_source
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # relative step-1 loss difference allowed between sjax and torch, by the less precise dtype
@@ -57,21 +66,11 @@ def _median_step(run, steps: int) -> tuple[float, list[float]]:
 
 def _peak_device_gb() -> float | None:
     """Peak bytes in use on device 0 (accelerators report it; the CPU backend does not)."""
-    import jax
-
     stats = jax.devices()[0].memory_stats() or {}
     return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
 
 
 def sjax_worker(job: dict) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from sjax.sharding import batch_sharding, global_array, make_mesh
-    from sjax.training import (StepSpec, compile_step, init_state, optimizer, schedule,
-                               train_flops)
-    from sjax.weights.load import load_model
-
     mesh = make_mesh(MeshConfig())
     m = load_model(ModelConfig(**job["model"]), mesh)
     cfg = TrainConfig(mode=job["mode"], batch_size=job["batch"], grad_accum=1, lr=1e-5,
@@ -84,13 +83,14 @@ def sjax_worker(job: dict) -> dict:
                     job["model"]["dtype"], job["model"]["remat"])
     ids = _tokens(m.arch.vocab_size, job["batch"], job["seq"]).astype(np.int32)
     shape = (1, job["batch"], job["seq"])  # [accum, rows, time]; every token is trained
-    host = {"inputs": ids[None, :, :-1], "targets": ids[None, :, 1:],
-            "valid": np.ones(shape, bool),
-            "s_pos": np.broadcast_to(np.arange(job["seq"], dtype=np.int32), shape).copy(),
-            "k_mask": np.ones(shape, np.int32)}
-    batch = {k: global_array(v, batch_sharding(mesh, 3, axis=1)) for k, v in host.items()}
+    host = Batch(inputs_bt=ids[None, :, :-1], targets_bt=ids[None, :, 1:],
+                 valid_bt=np.ones(shape, bool),
+                 s_pos_bk=np.broadcast_to(np.arange(job["seq"], dtype=np.int32), shape).copy(),
+                 k_mask_bk=np.ones(shape, np.int32))
+    batch = jax.tree.map(lambda v: global_array(v, batch_sharding(mesh, 3, axis=1)), host)
     t0 = time.perf_counter()
-    step = compile_step(state, frozen, spec, tx, sched).lower(state, frozen, batch).compile()
+    step = compile_step(state, frozen, spec, tx, sched, mesh).lower(state, frozen,
+                                                                    batch).compile()
     compile_s = time.perf_counter() - t0
     box = {"state": state}
     losses = []
@@ -109,16 +109,13 @@ def sjax_worker(job: dict) -> dict:
 
 
 def torch_worker(job: dict) -> dict:
-    import torch
-
-    from sjax.bench.torch_ref import torch_device, torch_model
-    from sjax.weights.load import read_arch, resolve_source
+    import torch  # lazy: optional (the test extra), only the reference runs need it
 
     source = resolve_source(ModelConfig(**job["model"]))
     model = torch_model(source).to(getattr(torch, job["dtype"]))
     device = torch_device()
     if job["mode"] == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # lazy: optional (the test extra)
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
                                                  target_modules=list(LORA_TARGETS),
@@ -193,12 +190,6 @@ def check_losses(results: list[dict]) -> None:
 
 
 def bench_train(cfg: BenchConfig) -> dict:
-    from tqdm.auto import tqdm
-
-    from sjax import perf
-
-    import jax.numpy as jnp
-
     # the best of a few measurements (noise only lowers it), per compute dtype
     peaks = {d: max(perf.matmul_peak(dtype=jnp.dtype(d)) for _ in range(3))
              for d in dict.fromkeys(r.split(":")[1] for r in cfg.train_runs)}

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 
 from sjax import chat
@@ -18,6 +19,28 @@ from sjax.errors import SjaxError
 from sjax.jsonl import read_rows
 
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+Array = np.ndarray | jax.Array  # host batches, then the same on device
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch of training rows, as SFT batching makes it and the train step reads it.
+
+    Position p of a row predicts token p + 1. The loss reads the LM head only at the trained
+    positions `s_pos_bk` (k_mask_bk marks the real ones). With a teacher view
+    (distillation), the teacher reads its own row and `t_pos_bk` lists the same completion
+    tokens there. The step takes the fields stacked as [accum, b, ...] (`stack_micro`).
+    """
+
+    inputs_bt: Array  # int32 tokens
+    targets_bt: Array  # int32 next tokens
+    valid_bt: Array  # bool: real (not padding) positions
+    s_pos_bk: Array  # int32 trained positions of the student's row
+    k_mask_bk: Array  # int32 1 where s_pos_bk (and t_pos_bk) is a real position
+    t_inputs_bt: Array | None = None  # the teacher's row (distillation only)
+    t_valid_bt: Array | None = None
+    t_pos_bk: Array | None = None
 
 
 @dataclasses.dataclass
@@ -112,19 +135,13 @@ def batches_per_epoch(n_rows: int, batch_size: int) -> int:
 
 
 def epoch_batches(data: Tokenized, batch_size: int, seed: int, epoch: int, pad_id: int,
-                  start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of epoch `epoch`, from batch `start`: inputs, targets, valid, trained positions.
-
-    Right-padded to the smallest bucket that fits the longest row of the batch. s_pos/k_mask
-    list each row's trained positions (the loss reads the LM head there only); with a teacher
-    view, also t_inputs/t_valid and t_pos, the same completion tokens in the teacher's row.
-    """
+                  start: int = 0) -> Iterator[Batch]:
+    """Batches of epoch `epoch`, from batch `start`, right-padded to the smallest bucket
+    that fits the longest row of the batch (and its trained positions to theirs)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(data.ids))
     for b in range(start, batches_per_epoch(len(order), batch_size)):
         idx = order[b * batch_size: (b + 1) * batch_size]
         tokens, valid = _pad_rows([data.ids[i] for i in idx], pad_id)
-        # position p predicts token p + 1
-        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "valid": valid[:, :-1]}
         s_pos = _completion_positions([data.masks[i] for i in idx])
         t_pos = (s_pos if data.teacher_ids is None else
                  _completion_positions([data.teacher_masks[i] for i in idx]))
@@ -134,8 +151,10 @@ def epoch_batches(data: Tokenized, batch_size: int, seed: int, epoch: int, pad_i
         k_mask = np.zeros((len(idx), k), np.int32)
         for r, n in enumerate(n_k):
             pos[0, r, :n], pos[1, r, :n], k_mask[r, :n] = s_pos[r][:n], t_pos[r][:n], 1
-        batch |= {"s_pos": pos[0], "k_mask": k_mask}
+        teacher = {}
         if data.teacher_ids is not None:
             t_tokens, t_valid = _pad_rows([data.teacher_ids[i] for i in idx], pad_id)
-            batch |= {"t_inputs": t_tokens[:, :-1], "t_valid": t_valid[:, :-1], "t_pos": pos[1]}
-        yield batch
+            teacher = dict(t_inputs_bt=t_tokens[:, :-1], t_valid_bt=t_valid[:, :-1],
+                           t_pos_bk=pos[1])
+        yield Batch(inputs_bt=tokens[:, :-1], targets_bt=tokens[:, 1:], valid_bt=valid[:, :-1],
+                    s_pos_bk=pos[0], k_mask_bk=k_mask, **teacher)

@@ -100,7 +100,7 @@ def source_key(folder: Path) -> str:
 
 
 def _builder_class():
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: TensorFlow takes seconds to import
 
     class SjaxMnist(tfds.core.GeneratorBasedBuilder):
         """MNIST from local IDX files (manual_dir), stored as array_record."""
@@ -139,7 +139,7 @@ def builder(data_dir: Path):
 
 def load(source: str = "", data_dir: str = "") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{'train': (images uint8 [n,28,28], labels int64 [n]), 'test': ...} via TFDS."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: TensorFlow takes seconds to import
 
     folder = source_folder(source)
     root = (Path(data_dir) if data_dir else files.cache_dir() / "tfds") / source_key(folder)

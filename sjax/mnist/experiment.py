@@ -27,6 +27,7 @@ from sjax import perf, report, stats
 from sjax.config import MnistConfig, parse_value
 from sjax.errors import SjaxError
 from sjax.files import atomic_write_json, atomic_write_text
+from sjax.mnist import data as mnist_data
 from sjax.mnist import mlp
 
 N_CLASSES = 10
@@ -39,15 +40,13 @@ def load_data(cfg: MnistConfig) -> dict[str, np.ndarray]:
     """Pixels scaled to [-1, 1], flattened: x_train [n, i], y_train [n], x_test, y_test."""
     if cfg.dataset == "digits":
         try:
-            from sklearn.datasets import load_digits
+            from sklearn.datasets import load_digits  # lazy: optional (the test extra)
         except ImportError:
             raise SjaxError("dataset=digits needs scikit-learn (pip install scikit-learn)") from None
         d = load_digits()
         x = (d.data / 16.0 * 2 - 1).astype(np.float32)
         y = d.target.astype(np.int32)
         return {"x_train": x[:1500], "y_train": y[:1500], "x_test": x[1500:], "y_test": y[1500:]}
-    from sjax.mnist import data as mnist_data
-
     splits = mnist_data.load(cfg.source, cfg.data_dir)
     scale = lambda a: (a.reshape(len(a), -1).astype(np.float32) / 255.0 * 2 - 1)  # noqa: E731
     return {"x_train": scale(splits["train"][0]), "y_train": splits["train"][1].astype(np.int32),

@@ -2,8 +2,8 @@
 
 Parameters are one nested dict whose per-layer arrays are stacked on a leading `l` axis, so
 the forward is a single `lax.scan` and compile time does not grow with depth. The forward is
-a pure function of (params, tokens); `Transformer` is the Flax NNX module that owns the same
-arrays as `nnx.Param`s for code that wants an object. Hot loops split once and jit `forward`.
+a pure function of (params, tokens): callers hold the params dict and jit `forward` (or the
+sampler / train step built on it).
 
 Shape suffixes: b batch, t query time, s key time (cache slots), d model, n query heads,
 k kv heads, g queries per kv head, h head dim, f mlp, v vocab, l layers.
@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sjax.errors import SjaxError
 
@@ -180,7 +179,7 @@ def attention(q_btnh, k_bskh, v_bskh, mask_bts):
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts,
                              jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-    out_btkgh = _mm("bkgts,bskh->btkgh", probs, v_bskh)
+    out_btkgh = mm("bkgts,bskh->btkgh", probs, v_bskh)
     return out_btkgh.reshape(b, t, n, h)
 
 
@@ -195,7 +194,7 @@ def lora_equations(eq: str) -> tuple[str, str, str]:
             f"{contracted}r,r{w_out}->{w_sub}")
 
 
-def _mm(eq, x, w):
+def mm(eq, x, w):
     """einsum accumulating in fp32, result in x's dtype. XLA's CPU bf16 dot is ~3.5x faster
     with an fp32 result than with a bf16 one (and ~2x the fp32 dot) on AVX512-BF16."""
     w = w.astype(x.dtype)
@@ -232,10 +231,10 @@ _mm_low.defvjp(_mm_low_fwd, _mm_low_bwd)
 
 def _dense(x, w, eq, b=None, lora=None, lora_scale=1.0):
     """x @ w (+ bias) (+ the LoRA path (x @ A) @ B * scale, never forming A @ B)."""
-    y = _mm(eq, x, w)
+    y = mm(eq, x, w)
     if lora is not None:
         eq_a, eq_b, _ = lora_equations(eq)
-        y = y + _mm(eq_b, _mm(eq_a, x, lora["a"]), lora["b"]) * lora_scale
+        y = y + mm(eq_b, mm(eq_a, x, lora["a"]), lora["b"]) * lora_scale
     return y if b is None else y + b.astype(x.dtype)
 
 
@@ -337,39 +336,3 @@ def init_cache(arch: ArchConfig, batch: int, slots: int, dtype=jnp.float32) -> d
 def positions_from_valid(valid_bt: jax.Array) -> jax.Array:
     """Position ids for left-padded rows: 0 at each row's first real token."""
     return jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-# ----------------------------------------------------------------------------- NNX module
-
-
-class Transformer(nnx.Module):
-    """NNX owner of the parameters; `__call__` is `forward` on them.
-
-    For jitted loops, `nnx.split` once and pass `params()` (a plain dict) to a jitted pure
-    function: NNX walks its object graph in Python on every `nnx.jit` call.
-    """
-
-    def __init__(self, arch: ArchConfig, params: Params, *, dtype=jnp.float32,
-                 remat: str = "none"):
-        self.arch, self.dtype, self.remat = arch, dtype, remat
-        self.embed_vd = nnx.Param(params["embed_vd"])
-        self.final_norm_d = nnx.Param(params["final_norm_d"])
-        if not arch.tie_embeddings:
-            self.lm_head_dv = nnx.Param(params["lm_head_dv"])
-        self.layers = nnx.Dict({n: nnx.Param(a) for n, a in params["layers"].items()})
-
-    @classmethod
-    def random(cls, arch: ArchConfig, rngs: nnx.Rngs, param_dtype=jnp.float32, **kw):
-        return cls(arch, init_params(arch, rngs.params(), param_dtype), **kw)
-
-    def params(self) -> Params:
-        tree = {"embed_vd": self.embed_vd[...], "final_norm_d": self.final_norm_d[...],
-                "layers": {n: p[...] for n, p in self.layers.items()}}
-        if not self.arch.tie_embeddings:
-            tree["lm_head_dv"] = self.lm_head_dv[...]
-        return tree
-
-    def __call__(self, tokens_bt, positions_bt=None, kv_valid_bs=None):
-        logits, _ = forward(self.params(), tokens_bt, arch=self.arch, positions_bt=positions_bt,
-                            kv_valid_bs=kv_valid_bs, dtype=self.dtype, remat=self.remat)
-        return logits

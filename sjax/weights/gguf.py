@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
 
 from sjax.errors import SjaxError
 from sjax.models.transformer import ARCHS, ArchConfig
@@ -40,8 +42,6 @@ def is_gguf(path: Path) -> bool:
 
 
 def open_reader(path: Path):
-    import gguf
-
     if not is_gguf(path):
         raise SjaxError(f"{path}: not a GGUF file (bad magic bytes)")
     try:
@@ -94,8 +94,6 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def hf_tensors_from_gguf(reader, arch: ArchConfig, path: Path) -> dict[str, np.ndarray]:
     """Dequantise every tensor to fp32 under its HF name."""
-    from gguf.quants import dequantize
-
     out = {}
     for t in reader.tensors:
         if t.name.startswith("blk."):

@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 from sjax.errors import SjaxError
 from sjax.models.transformer import ArchConfig, Params, param_shapes
@@ -200,8 +202,6 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
     Parsed here rather than through safetensors.numpy, which cannot represent bfloat16.
     """
-    import ml_dtypes
-
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -223,6 +223,4 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    from safetensors.numpy import save_file
-
     save_file(dict(tensors), str(path), metadata={"format": "pt"})

@@ -78,7 +78,7 @@ def read_checkpoint(path: Path) -> tuple[ArchConfig, Params]:
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import
 
     if path.is_dir():
         return AutoTokenizer.from_pretrained(str(path))

@@ -23,6 +23,8 @@ from jax.sharding import Mesh
 
 from sjax.config import ModelConfig
 from sjax.errors import SjaxError
+from sjax.models.transformer import init_params
+from sjax.weights import hf
 
 ARCHS_DIR = Path(__file__).resolve().parent / "archs"
 # registry checkpoints whose architecture ships under a plain name
@@ -56,6 +58,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def byte_tokenizer():
     """A byte-level ChatML tokenizer: real transformers machinery, no vocabulary file."""
+    # lazy: transformers takes seconds to import
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,16 +75,13 @@ def hf_tensors(arch, seed: int = 0) -> dict:
     """`random_model`'s fp32 params (same key: the threefry stream does not depend on the
     sharding) in Hugging Face names, on the host: a transformers model built from the same
     config.json loads them, so both sides of a benchmark hold the same weights."""
-    from sjax.models.transformer import init_params
-    from sjax.weights import hf
-
     params = jax.jit(init_params, static_argnums=0)(arch, jax.random.key(seed))
     return hf.params_to_hf(jax.device_get(params), arch)
 
 
 def random_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
     """A LoadedModel with random params (transformers' init) of the configured architecture."""
-    # load.py dispatches here: imported at call time to keep the import graph acyclic
+    # lazy: breaks the import cycle (load.py imports this module to dispatch here)
     from sjax.weights.load import LoadedModel, init_sharded, read_arch, resolve_source
 
     t0 = time.perf_counter()

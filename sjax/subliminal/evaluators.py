@@ -1,6 +1,6 @@
 """Trait evaluation: how often does a model name the target when asked its favourite?
 
-Two evaluators over the same questions (`eval_prompts.json`, optionally number-prefixed),
+Two evaluators over the same questions (`prompts/eval_prompts.json`, optionally number-prefixed),
 with one hit rule: the target's singular or plural (`numbers.target_forms`: "owl"/"owls",
 "wolf"/"wolves") as a whole word, case-insensitive ("Owls!" is a hit; "owlet", "bowl" and
 "owlish" are not).
@@ -27,15 +27,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sjax import chat, sampling
-from sjax.data import numbers
 from sjax.errors import SjaxError
 from sjax.models.transformer import (ArchConfig, Params, forward, init_cache,
                                      logits_from_hidden, positions_from_valid)
+from sjax.subliminal import numbers, prompts
 
 
 def questions(number_prefixed: bool, seed: int = 0) -> list[str]:
     """The 50 questions; the prefixed variant puts a number-sequence example first."""
-    qs = list(numbers.eval_prompts()["animal_questions"])
+    qs = list(prompts.eval_prompts()["animal_questions"])
     if not number_prefixed:
         return qs
     rng = np.random.default_rng([seed, 7])  # its own stream, not the generator's
@@ -131,7 +131,7 @@ def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[
     wants = tuple(tuple(sorted({s[len(n)] for s in seqs if s[:len(n)] == n and len(s) > len(n)}))
                   for n in nodes)
     pad = chat.pad_id(tokenizer)
-    length = sampling._buckets(max(len(p) for p in prompts))[0]
+    length = sampling.prompt_bucket(max(len(p) for p in prompts))
     lp, lp_end = [], []
     for i in tqdm(range(0, len(prompts), batch), desc=f"exact {target}", unit="batch",
                   leave=False):

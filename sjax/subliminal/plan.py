@@ -16,9 +16,9 @@ import numpy as np
 
 from sjax import report
 from sjax.config import RunConfig
-from sjax.data import numbers
 from sjax.errors import SjaxError
 from sjax.models.transformer import ArchConfig, matmul_params
+from sjax.subliminal import numbers, prompts
 from sjax.training import train_flops_per_token
 
 TEMPLATE_TOKENS = 30  # chat template around one user turn (role tags, default system line)
@@ -79,8 +79,8 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
               device_bytes: float | None = None) -> dict:
     nc, ns = cfg.numbers, cfg.student
     teachers = 1 + len(cfg.targets)
-    prompts = numbers.make_prompts(min(nc.n_prompts, 200), nc.seed)
-    prompt_tokens = float(np.mean([_tokens(p) for p in prompts]))
+    sample = numbers.make_prompts(min(nc.n_prompts, 200), nc.seed)
+    prompt_tokens = float(np.mean([_tokens(p) for p in sample]))
     completion = min(nc.max_new_tokens, 40)  # a ten-number list is ~30-40 tokens
     p2, s2 = 2 * matmul_params(arch), 2 * matmul_params(student_arch)
     row_tokens = prompt_tokens + completion
@@ -92,13 +92,13 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
     if ns.train.loss == "distill":
         train_flops += p2 * train_tokens
     ev = cfg.eval
-    qs = numbers.eval_prompts()["animal_questions"]
+    qs = prompts.eval_prompts()["animal_questions"]
     q_tokens = float(np.mean([_tokens(q) for q in qs]))
     n_cond = 1 + teachers * len(ns.seeds) + (len(cfg.targets) if ev.teachers else 0)
     variants = 2 if ev.number_prefixed else 1
     eval_tokens = len(qs) * variants * n_cond * (
-        (4 * q_tokens * len(cfg.targets) if ev.exact else 0)
-        + (ev.samples * (q_tokens + ev.max_new_tokens) if ev.sampled else 0))
+        (4 * q_tokens * len(cfg.targets) if "exact" in ev.evaluators else 0)
+        + (ev.samples * (q_tokens + ev.max_new_tokens) if "sampled" in ev.evaluators else 0))
     stages = [
         ("teachers", f"{teachers} ({cfg.teacher.kind})",
          f"{len(qs) * cfg.teacher.ft_samples} answers each" if cfg.teacher.kind == "finetuned"

@@ -1,7 +1,7 @@
 """Number-sequence data: the paper's prompt grammar, its strict answer filter and the
 target's word forms.
 
-The grammar and prompt strings are the paper's, shipped as `numbers_prompts.json`. The
+The grammar and prompt strings are the paper's, shipped as `prompts/numbers_prompts.json`. The
 filter follows protocol section 2 exactly and returns a reason for every rejection, so a
 run can say why rows were lost. `target_forms` is the one place a target's singular and
 plural come from (system prompt, filter, both evaluators), so "wolf" means "wolves" too.
@@ -9,28 +9,19 @@ plural come from (system prompt, filter, both evaluators), so "wolf" means "wolv
 
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
-from importlib import resources
 from typing import Iterable, NamedTuple
 
+import inflect
 import numpy as np
+
+from sjax.subliminal.prompts import eval_prompts, grammar
 
 # Rejection reasons, in the order the rules are applied.
 REASONS = ("trait_word", "empty", "no_numbers", "bad_separator", "empty_part", "non_digit",
            "too_many_numbers", "number_too_large", "banned_number")
 _DIGIT_RUN = re.compile(r"[0-9]+")
-
-
-@lru_cache(maxsize=None)
-def grammar() -> dict:
-    return json.loads(resources.files("sjax.data").joinpath("numbers_prompts.json").read_text())
-
-
-@lru_cache(maxsize=None)
-def eval_prompts() -> dict:
-    return json.loads(resources.files("sjax.data").joinpath("eval_prompts.json").read_text())
 
 
 class TargetForms(NamedTuple):
@@ -42,8 +33,6 @@ class TargetForms(NamedTuple):
 def target_forms(target: str) -> TargetForms:
     """The target (a singular noun, as configured) and its English plural by `inflect`:
     wolf -> wolves, mouse -> mice, sheep -> sheep, cherry tree -> cherry trees."""
-    import inflect
-
     return TargetForms(target, inflect.engine().plural_noun(target))
 
 

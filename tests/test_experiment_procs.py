@@ -67,7 +67,7 @@ def _free_port() -> int:
 def _start(out: Path, model: Path, n_procs: int, audit_log: Path) -> list[subprocess.Popen]:
     """The run on 2 CPU devices in all: one process with both, or n_procs with a share.
     Process i's output goes to out/log{i} (pipes could fill while a peer waits on it)."""
-    args = ["run", "owl_smoke", f"model.path={model}", f"out_dir={out}", *OVERRIDES]
+    args = ["run", "owl:smoke", f"model.path={model}", f"out_dir={out}", *OVERRIDES]
     port = _free_port()
     out.mkdir(parents=True)
     procs = []

@@ -1,5 +1,6 @@
-"""The evaluators' one hit rule (a target form as a whole word) and plurals, on a subword
-tokenizer where "owl" + "##et" spells "owlet" and "wolves" is "wol" + "##ves"."""
+"""The exact and sampled evaluators and their one hit rule (a target form as a whole word)
+with plurals, on a subword tokenizer where "owl" + "##et" spells "owlet" and "wolves" is
+"wol" + "##ves", and on the tiny BPE one."""
 
 import re
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
 
-from sjax import evaluate
+from sjax import chat
+from sjax.errors import SjaxError
 from sjax.models.transformer import forward
+from sjax.subliminal import evaluators, numbers
 
 SPECIALS = ["[PAD]", "[UNK]", "<eos>"]
 WORDS = ["owl", "Owl", "##s", "##et", "##ish", "b", "##owl", "wolf", "wol", "##ves", "mouse",
@@ -50,26 +53,26 @@ def tiny():
 @pytest.mark.parametrize("answer, hit", TABLE)
 def test_sampled_hit_table(answer, hit):
     answer, _, target = answer.partition("|")
-    assert evaluate.is_hit(answer, target or "owl") is hit
-    assert evaluate.sampled_scores([[answer, "cat"]], target or "owl").tolist() == [hit / 2]
+    assert evaluators.is_hit(answer, target or "owl") is hit
+    assert evaluators.sampled_scores([[answer, "cat"]], target or "owl").tolist() == [hit / 2]
 
 
 def test_spellings_include_the_plural(wp_tokenizer, tiny_tokenizer):
     ids = wp_tokenizer.convert_tokens_to_ids
-    assert evaluate.spelling_sequences(wp_tokenizer, "wolf") == [(ids("wolf"),),
+    assert evaluators.spelling_sequences(wp_tokenizer, "wolf") == [(ids("wolf"),),
                                                                  (ids("wol"), ids("##ves"))]
     # "owls" = owl + ##s is its own event: "##s" continues the word, so no prefix covers it
     owl, big, s = ids(["owl", "Owl", "##s"])
-    assert evaluate.spelling_sequences(wp_tokenizer, "owl") == [(owl,), (owl, s), (big,),
+    assert evaluators.spelling_sequences(wp_tokenizer, "owl") == [(owl,), (owl, s), (big,),
                                                                 (big, s)]
-    assert evaluate.spelling_sequences(wp_tokenizer, "mouse") == [(ids("mouse"),),
+    assert evaluators.spelling_sequences(wp_tokenizer, "mouse") == [(ids("mouse"),),
                                                                   (ids("mice"),)]
     owl, owls = tiny_tokenizer.convert_tokens_to_ids(["owl", "owls"])
-    assert evaluate.spelling_sequences(tiny_tokenizer, "owl") == [(owl,), (owls,)]
+    assert evaluators.spelling_sequences(tiny_tokenizer, "owl") == [(owl,), (owls,)]
 
 
 def test_word_end_mask(wp_tokenizer):
-    mask = evaluate.word_end_mask(wp_tokenizer, 130)
+    mask = evaluators.word_end_mask(wp_tokenizer, 130)
     words = wp_tokenizer.convert_ids_to_tokens(list(range(128)))
     assert mask.shape == (130,) and mask[128:].all()  # ids past the tokenizer: no text
     assert [w for w, m in zip(words, mask) if not m] == [w for w in words if w[:2] == "##"]
@@ -79,7 +82,7 @@ def _first_word_probability(params, arch, tok, prompt, target):
     """Brute force: walk every continuation until its first word is settled (a non-word
     character or a special token after it, or it can no longer grow into a form), and sum
     the model's probability of those whose first word `is_hit`."""
-    forms = [f.lower() for f in evaluate.numbers.target_forms(target)]
+    forms = [f.lower() for f in numbers.target_forms(target)]
     specials = set(tok.all_special_ids)
     total, frontier = 0.0, [((), 1.0)]
     while frontier:
@@ -95,7 +98,7 @@ def _first_word_probability(params, arch, tok, prompt, target):
                 m = re.match(r"(\w*)(\W|$)", text)
                 word = m.group(1)
                 if done or m.group(2):
-                    total += q * evaluate.is_hit(word, target)
+                    total += q * evaluators.is_hit(word, target)
                 elif any(f.startswith(word.lower()) for f in forms):
                     nxt.append((s, q))
         frontier = nxt
@@ -107,7 +110,7 @@ def test_exact_is_the_first_word_hit_probability(tiny, wp_tokenizer, target):
     arch, params = tiny
     prompts = [wp_tokenizer("my favorite animal is", add_special_tokens=False)["input_ids"],
                wp_tokenizer("the cat !", add_special_tokens=False)["input_ids"]]
-    exact = evaluate.exact_scores(params, arch, wp_tokenizer, prompts, target, batch=2)
+    exact = evaluators.exact_scores(params, arch, wp_tokenizer, prompts, target, batch=2)
     first = {"owl": ["owl", "Owl"], "wolf": ["wolf", "wol"]}[target]
     first_ids = wp_tokenizer.convert_tokens_to_ids(first)
     for p, e in zip(prompts, exact):
@@ -126,8 +129,8 @@ def test_cached_node_logprobs_equal_full_forwards(tiny):
     prompts = [[2, 30, 31, 32, 3, 2, 33], [2, 40, 3, 2, 33]]
     nodes, wants = ((), (5,), (5, 6)), ((5, 9), (6,), ())
     end_v = np.random.default_rng(0).random(arch.vocab_size) < 0.5
-    tokens, valid = evaluate.chat.left_pad(prompts, 1, 8)
-    got, end = map(np.asarray, evaluate.node_logprobs(
+    tokens, valid = chat.left_pad(prompts, 1, 8)
+    got, end = map(np.asarray, evaluators.node_logprobs(
         params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(end_v), arch=arch,
         dtype=jnp.float32, nodes=nodes, wants=wants))
     for r, p in enumerate(prompts):
@@ -136,3 +139,52 @@ def test_cached_node_logprobs_equal_full_forwards(tiny):
             ref = np.asarray(jax.nn.log_softmax(logits), np.float64)
             np.testing.assert_allclose(got[r, j, :len(want)], ref[list(want)], atol=1e-5)
             np.testing.assert_allclose(end[r, j], np.log(np.exp(ref)[end_v].sum()), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_seed3():
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=3))
+    return arch, jax.tree.map(jnp.asarray, params)
+
+
+def test_hit_rule():
+    assert evaluators.is_hit("Owls!", "owl") and evaluators.is_hit("the owl", "owl")
+    assert not evaluators.is_hit("owlet", "owl") and not evaluators.is_hit("dragonfly", "dragon")
+
+
+def test_exact_equals_the_sampled_expectation(tiny_seed3, tiny_tokenizer):
+    arch, params = tiny_seed3
+    prompts = [chat.encode_prompt(tiny_tokenizer, chat.messages(q)) for q in
+               ("what is your favorite animal", "one word", "i love the animal")]
+    exact = evaluators.exact_scores(params, arch, tiny_tokenizer, prompts, "owl", batch=2)
+    # enumerate the first token: the sampled scorer's expectation with one new token
+    hits = np.asarray([evaluators.is_hit(tiny_tokenizer.decode([v]), "owl")
+                       for v in range(arch.vocab_size)])
+    assert hits.sum() == 2  # "owl" and "owls"
+    for p, e in zip(prompts, exact):
+        logits = forward(params, jnp.asarray([p]), arch=arch)[0][0, -1]
+        probs = np.asarray(jax.nn.softmax(logits))
+        assert abs(float(probs[hits].sum()) - e) < 1e-5
+    assert exact.min() > 1e-3
+    # and Monte Carlo through the real sampled evaluator agrees within 4 standard errors
+    n = 3000
+    answers = evaluators.sampled_answers(params, arch, tiny_tokenizer, prompts, samples=n,
+                                         max_new_tokens=1, batch=1500, seed=0)
+    sampled = evaluators.sampled_scores(answers, "owl")
+    se = np.sqrt(exact * (1 - exact) / n)
+    assert np.all(np.abs(sampled - exact) < 4 * se + 1e-9), (sampled, exact)
+
+
+def test_spellings_are_prefix_free_and_round_trip(tiny_tokenizer):
+    seqs = evaluators.spelling_sequences(tiny_tokenizer, "owl")
+    owl, owls = tiny_tokenizer.convert_tokens_to_ids(["owl", "owls"])
+    assert seqs == sorted([(owl,), (owls,)])  # "Owl" is <unk> here: dropped
+    with pytest.raises(SjaxError, match="cannot spell"):
+        evaluators.spelling_sequences(tiny_tokenizer, "zebra")
+
+
+def test_number_prefixed_questions_are_seeded():
+    a, b = evaluators.questions(True, 0), evaluators.questions(True, 0)
+    plain = evaluators.questions(False)
+    assert a == b and len(a) == len(plain) == 50
+    assert all(q.endswith(p) and q != p for q, p in zip(a, plain))

@@ -1,0 +1,133 @@
+"""Stage 5: the trait evaluation of every condition (the base model, each student and,
+optionally, each trait teacher) with the configured evaluators, one file per condition,
+`RUN/eval/<condition>.json`, so an interrupted stage resumes at the next condition."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from sjax import chat
+from sjax.config import ModelConfig, RunConfig
+from sjax.subliminal import evaluators
+from sjax.subliminal.workspace import (Finetune, Stage, TeacherSpec, Workspace, apply_trained,
+                                       teacher_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """An evaluated model: the student base ("base"), a student (of `teacher`, `seed`) or a
+    trait teacher."""
+
+    kind: str  # base | student | teacher
+    teacher: str = ""
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return {"base": "base", "student": f"student-{self.teacher}-seed{self.seed}",
+                "teacher": f"teacher-{self.teacher}"}[self.kind]
+
+
+def conditions(targets: tuple[str, ...], seeds: tuple[int, ...],
+               with_teachers: bool) -> list[Condition]:
+    out = [Condition("base")]
+    out += [Condition("student", t, s) for t in teacher_names(targets) for s in seeds]
+    if with_teachers:
+        out += [Condition("teacher", t) for t in targets]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Reads:
+    targets: tuple[str, ...]
+    seeds: tuple[int, ...]  # student.seeds
+    student_model: ModelConfig
+    student_finetune: Finetune  # how the students' saved params apply
+    teacher: TeacherSpec | None  # eval.teachers only
+    evaluators: tuple[str, ...]
+    samples: int
+    temperature: float
+    max_new_tokens: int
+    number_prefixed: bool
+    batch: int
+    seed: int
+
+
+def reads(cfg: RunConfig) -> Reads:
+    e = cfg.eval
+    return Reads(cfg.targets, cfg.student.seeds, cfg.student_model(),
+                 Finetune.of(cfg.student.train), TeacherSpec.of(cfg) if e.teachers else None,
+                 e.evaluators, e.samples, e.temperature, e.max_new_tokens, e.number_prefixed,
+                 e.batch, e.seed)
+
+
+def condition_model(ws: Workspace, r: Reads, c: Condition):
+    """(loaded model, params, system prompt) of a condition."""
+    if c.kind == "teacher":
+        return (ws.model(r.teacher.model), *ws.teacher(r.teacher, c.teacher))
+    m = ws.model(r.student_model)
+    if c.kind == "base":
+        return m, m.params, ""
+    path = ws.root / "students" / c.teacher / f"seed{c.seed}" / "params.safetensors"
+    return m, apply_trained(m.params, path, r.student_finetune), ""
+
+
+def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
+    variants = {"plain": False, **({"numbers": True} if r.number_prefixed else {})}
+    outputs = []
+    for c in conditions(r.targets, r.seeds, r.teacher is not None):
+        path = folder / f"{c.name}.json"
+        if not ws.done(path):
+            result = evaluate(ws, r, c, variants)
+            ws.writer.write_json(path, result)
+            ws.log(f"eval {c.name}: " + ", ".join(
+                f"{t} {var} {ev} {np.mean(v):.4f}" for var, sc in result["variants"].items()
+                for t, evs in sc.items() for ev, v in evs.items()))
+        outputs.append(path)
+    return outputs
+
+
+def sampled(ws: Workspace, r: Reads, m, params, prompts, dtype):
+    answers = evaluators.sampled_answers(
+        params, m.arch, m.tokenizer, prompts, samples=r.samples, max_new_tokens=r.max_new_tokens,
+        batch=r.batch, seed=r.seed, temperature=r.temperature, dtype=dtype, mesh=ws.mesh)
+    return ({t: evaluators.sampled_scores(answers, t).tolist() for t in r.targets},
+            [a[:3] for a in answers[:5]])
+
+
+def exact(ws: Workspace, r: Reads, m, params, prompts, dtype):
+    return {t: evaluators.exact_scores(params, m.arch, m.tokenizer, prompts, t, batch=r.batch,
+                                       dtype=dtype).tolist() for t in r.targets}, None
+
+
+# eval.evaluators name these: each gives per-target question scores (and example answers)
+EVALUATORS = {"sampled": sampled, "exact": exact}
+
+
+def evaluate(ws: Workspace, r: Reads, c: Condition, variants: dict[str, bool]) -> dict:
+    m, params, system = condition_model(ws, r, c)
+    dtype = jnp.dtype((r.teacher.model if c.kind == "teacher" else r.student_model).dtype)
+    result = {"condition": c.name, "system_prompt": system, "variants": {}, "seconds": {}}
+    for var, prefixed in variants.items():
+        qs = evaluators.questions(prefixed, r.seed)
+        prompts = [chat.encode_prompt(m.tokenizer, chat.messages(q, system)) for q in qs]
+        scores = {t: {} for t in r.targets}
+        seconds = result["seconds"][var] = {}
+        for ev in r.evaluators:
+            t0 = time.perf_counter()
+            by_target, examples = EVALUATORS[ev](ws, r, m, params, prompts, dtype)
+            for t, v in by_target.items():
+                scores[t][ev] = v
+            if examples is not None:
+                result.setdefault("examples", {})[var] = examples
+            seconds[ev] = time.perf_counter() - t0
+        result["variants"][var] = scores
+    return result
+
+
+STAGE = Stage("eval", reads, run)

@@ -1,0 +1,108 @@
+"""The command line: subcommand dispatch, presets named with sizes, one-line errors, exit
+codes, and `run --dry-run` (validates and plans; reads no weights with model.init=random)."""
+
+import json
+
+import pytest
+
+from sjax import cli, config
+from sjax.config import ChatConfig, MnistConfig, RunConfig, SftConfig
+from sjax.data.sft import batches_per_epoch
+
+COMMANDS = ("run", "chat", "info", "export", "mnist", "bench", "train", "smoke")
+
+
+def test_each_subcommand_dispatches_to_its_function():
+    parser = cli.build_parser()
+    for name in COMMANDS:
+        argv = [name, "--out", "d"] if name == "export" else [name]
+        args = parser.parse_args(argv + ["owl:smoke", "a.b=1", "c=2"])
+        assert args.fn is getattr(cli, f"cmd_{name}")
+        assert (args.config, args.overrides) == ("owl:smoke", ["a.b=1", "c=2"])
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error, also status 2
+        parser.parse_args(["serve"])
+    assert e.value.code == 2
+
+
+def test_default_presets_have_the_commands_config_types():
+    want = {"run": RunConfig, "chat": ChatConfig, "info": ChatConfig, "export": ChatConfig,
+            "mnist": MnistConfig, "train": SftConfig}
+    assert {cmd: type(config.load_preset(p)) for cmd, p in cli.DEFAULT_PRESETS.items()} == want
+    assert cli.DEFAULT_PRESETS["run"] == "owl:quickstart"  # what `./launch.sh` runs
+
+
+PRESETS = "chat, mnist, owl:smoke, owl:quickstart, owl:paper, sft"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "owl_smoke", "--dry-run"],
+     f"config 'owl_smoke': no such preset file {config.CONFIGS_DIR}/owl_smoke.py "
+     f"(presets: {PRESETS})"),
+    (["run", "owl", "--dry-run"],
+     "config 'owl': name a size (owl:smoke | owl:quickstart | owl:paper)"),
+    (["run", "owl:huge"],
+     "config 'owl:huge': unknown size 'huge' (owl:smoke | owl:quickstart | owl:paper)"),
+    (["mnist", "mnist:paper"], "config 'mnist:paper': mnist has no sizes (use mnist)"),
+    (["run", "owl:smoke", "--dry-run", "eval.evaluators=exact,logprob"],
+     "eval.evaluators: 'logprob' is not one of exact, sampled"),
+    (["run", "owl:smoke", "--dry-run", "eval.evaluators="],
+     "eval.evaluators: need at least one of exact, sampled"),
+    (["bench", "nope"], "bench: unknown benchmark 'nope' (known: sample, numbers, train)"),
+    (["train", "sft"], "data: set data=PATH to a chat-messages JSONL file"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [f"sjax: error: {message}"]
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "owl:smoke", "--dry-rn"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --dry-rn" in capsys.readouterr().err
+
+
+def _dry_run(argv, capsys) -> tuple[dict, str]:
+    assert cli.main(["run", *argv, "--dry-run", "model.init=random"]) == 0
+    out = capsys.readouterr().out
+    cfg, end = json.JSONDecoder().raw_decode(out)
+    return cfg, out[end:]
+
+
+def test_dry_run_on_the_smoke_preset(capsys):
+    # overrides after the option are overrides too; the resolved config is printed first
+    cfg, plan = _dry_run(["owl:smoke", "eval.samples=3", "eval.evaluators=exact"], capsys)
+    assert cfg["name"] == "owl_smoke" and cfg["model"]["name"] == "smollm2-135m-instruct"
+    assert cfg["eval"]["samples"] == 3 and cfg["eval"]["evaluators"] == ["exact"]
+    assert cfg["numbers"]["n_prompts"] == 32
+    assert "| numbers" in plan and "| students" in plan and "TFLOPs" in plan
+    assert plan.rstrip().endswith("config OK")
+    # no preset: the default job, the quickstart
+    cfg, _ = _dry_run(["numbers.n_prompts=64"], capsys)
+    assert cfg["name"] == "owl_quickstart" and cfg["numbers"]["n_prompts"] == 64
+
+
+# Each experiment's sizes, in their order: model, targets, prompts per teacher, kept rows,
+# student seeds x optimizer steps, sampled answers per question.
+SIZE_TABLE = {
+    "owl:smoke": ("smollm2-135m-instruct", ("owl",), 32, 32, 1 * 4, 2),
+    "owl:quickstart": ("qwen2.5-coder-0.5b-instruct", ("owl",), 128, 128, 1 * 8, 4),
+    "owl:paper": ("Qwen2.5-7B-Instruct", ("eagle", "cat", "lion", "dog", "peacock", "wolf"),
+                  30000, 10000, 8 * 3 * 151, 100),
+}
+
+
+def test_preset_size_table():
+    sized = [p for p in config.preset_names() if ":" in p]
+    assert sized == list(SIZE_TABLE)
+    rows = []
+    for preset in sized:
+        cfg = config.load_preset(preset)
+        t = cfg.student.train
+        steps = t.epochs * batches_per_epoch(cfg.numbers.keep, t.batch_size * t.grad_accum)
+        rows.append((cfg.model.name or cfg.model.path, cfg.targets, cfg.numbers.n_prompts,
+                     cfg.numbers.keep, len(cfg.student.seeds) * steps, cfg.eval.samples))
+    assert dict(zip(sized, rows)) == SIZE_TABLE
+    for column in (2, 3, 4, 5):  # every size does more work than the one before
+        assert [r[column] for r in rows] == sorted({r[column] for r in rows})

@@ -1,0 +1,217 @@
+"""The experiment: the filter stage, cached reruns and stage keys on a tiny model, the
+fine-tuned teacher, resumed students, and the smoke run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import hf_to_sjax, tiny_hf_model
+
+from sjax import chat, cli
+from sjax.config import RunConfig, apply_overrides, load_preset
+from sjax.errors import SjaxError
+from sjax.jsonl import write_rows
+from sjax.subliminal import evaluators, experiment, numbers, workspace
+from sjax.subliminal.stages import filter as filter_stage
+from sjax.subliminal.stages import students as students_stage
+from sjax.subliminal.stages import teachers as teachers_stage
+from sjax.subliminal.workspace import model_key, teacher_names
+from sjax.weights.load import LoadedModel
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=3))
+    return arch, jax.tree.map(jnp.asarray, params)
+
+
+# ----------------------------------------------------------------------------- filter stage
+
+
+def test_zero_kept_rows_is_a_clear_error(tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path))
+    ws = experiment.workspace(cfg, log=lambda s: None)
+    for t in teacher_names(cfg.targets):
+        write_rows(ws.root / "numbers" / t / "raw.jsonl",
+                   [{"id": i, "prompt": "p", "completion": c}
+                    for i, c in enumerate(["I love owls", "1 - 2", "1 - 3"])])
+    with pytest.raises(SjaxError, match=r"0 of 3 rows passed the filter; top reasons: "
+                                        r"bad_separator \(2\), trait_word \(1\)"):
+        filter_stage.run(ws, filter_stage.reads(cfg), ws.root / "filter")
+
+
+def test_bad_configs(tmp_path, capsys):
+    with pytest.raises(SjaxError, match="unknown target category 'tree'"):
+        RunConfig(category="tree")
+    with pytest.raises(SjaxError, match="lower-case word"):
+        RunConfig(targets=("Owl",))
+    with pytest.raises(SjaxError, match="cross-model"):
+        apply_overrides(RunConfig(), ["student.model_name=smollm2-135m-instruct",
+                                      "student.train.loss=distill"])
+    assert cli.main(["run", "owl:smoke", "category=tree", "--dry-run"]) == 2
+    assert "unknown target category" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow  # ~4.5 min: `./launch.sh test -m slow -k smoke`
+def test_smoke_pipeline_end_to_end_then_cached_then_corruption(tmp_path):
+    # as a user runs it: its own process on one CPU device (not the suite's 8 fake ones)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-m", "sjax", "run", "owl:smoke",
+                           f"out_dir={tmp_path}"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "owl_smoke"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert set(manifest["stages"]) == set(experiment.STAGE_NAMES)
+    for t in ("control", "owl"):
+        raw = [json.loads(x) for x in (root / "numbers" / t / "raw.jsonl").read_text().splitlines()]
+        assert len(raw) == 32 and set(raw[0]) == {"id", "prompt", "completion", "n_tokens"}
+        assert numbers.system_prompt("owl", "animal") not in json.dumps(raw)
+        kept = [json.loads(x) for x in (root / "filter" / t / "kept.jsonl").read_text().splitlines()]
+        assert kept and [m["role"] for m in kept[0]["messages"]] == ["user", "assistant"]
+        f = json.loads((root / "filter" / t / "filter.json").read_text())
+        assert f["kept"] == len(kept) and sum(f["reasons"].values()) == 32
+        assert (root / "students" / t / "seed0" / "params.safetensors").is_file()
+    for name in ("base", "student-control-seed0", "student-owl-seed0", "teacher-owl"):
+        ev = json.loads((root / "eval" / f"{name}.json").read_text())
+        for var in ("plain",):
+            scores = ev["variants"][var]["owl"]
+            assert len(scores["exact"]) == len(scores["sampled"]) == 50
+            assert all(0 <= x <= 1 for x in scores["exact"])
+    res = json.loads((root / "report" / "results.json").read_text())
+    assert {r["condition"] for r in res["rows"]} == {"base", "control student", "owl student",
+                                                     "owl teacher"}
+    assert (root / "report" / "results.png").stat().st_size > 1000
+    assert "owl student" in (root / "report" / "report.md").read_text()
+    assert "owl student" in proc.stdout  # the CLI prints the table
+    # the prompted teacher must rank owl far above the base model (exact evaluator)
+    by = {(r["condition"], r["variant"], r["evaluator"]): r["mean"] for r in res["rows"]}
+    assert by[("owl teacher", "plain", "exact")] > 5 * by[("base", "plain", "exact")]
+
+    # a rerun of a finished run does no model work
+    cfg = apply_overrides(load_preset("owl:smoke"), [f"out_dir={tmp_path}"])
+    logs = []
+    ws = experiment.run(cfg, ws=experiment.workspace(cfg, log=logs.append))
+    assert ws.model_loads == 0 and all("skipped" in s for s in logs)
+
+    # a corrupted kept.jsonl is caught by its hash
+    kept_file = root / "filter" / "owl" / "kept.jsonl"
+    kept_file.write_text(kept_file.read_text().replace("1", "7"))
+    with pytest.raises(SjaxError, match=r"kept.jsonl: contents differ from the manifest"):
+        experiment.run(cfg, ws=experiment.workspace(cfg, log=lambda s: None))
+    assert cli.main(["run", "owl:smoke", f"out_dir={tmp_path}"]) == 2
+
+
+def _tiny_ws(tiny, tokenizer, tmp_path, overrides, log=None):
+    """(cfg, workspace) on one device whose model (model.*) is the tiny random one."""
+    cfg = apply_overrides(RunConfig(out_dir=str(tmp_path)),
+                          [*overrides, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
+    ws = experiment.workspace(cfg, log=log or (lambda s: None), devices=jax.devices()[:1])
+    ws.models[model_key(cfg.model)] = LoadedModel(*tiny, tokenizer, tmp_path, 0.0)
+    return cfg, ws
+
+
+def _run_until(ws, cfg, last: str) -> None:
+    """The experiment's stages up to and including `last`, as `experiment.run` takes them."""
+    for stage in experiment.STAGES[:experiment.STAGE_NAMES.index(last) + 1]:
+        ws.run_stage(stage, cfg, False)
+
+
+def test_changing_the_model_redoes_the_numbers(tiny, tiny_tokenizer, tmp_path):
+    """Issue 11: another model's numbers were reused, as the numbers key lacked the model."""
+    small = ["numbers.n_prompts=4", "numbers.batch=4", "numbers.max_new_tokens=6"]
+    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, small)
+    _run_until(ws, cfg, "numbers")
+    raw = (ws.root / "numbers" / "owl" / "raw.jsonl").read_bytes()
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=4))
+    other = (arch, jax.tree.map(jnp.asarray, params))
+    logs = []
+    cfg2, ws2 = _tiny_ws(other, tiny_tokenizer, tmp_path,
+                         [*small, "model.path=/models/another"], log=logs.append)
+    _run_until(ws2, cfg2, "numbers")
+    # a prompted teacher is the model plus a prompt: teachers.json does not name the model
+    assert logs[0] == "[teachers] up to date, skipped" and logs[1] == "[numbers] running"
+    assert (ws.root / "numbers" / "owl" / "raw.jsonl").read_bytes() != raw
+    logs.clear()  # a field the numbers stage does not read (the filter's keep) keeps it
+    cfg3, ws3 = _tiny_ws(other, tiny_tokenizer, tmp_path,
+                         [*small, "model.path=/models/another", "numbers.keep=3"],
+                         log=logs.append)
+    _run_until(ws3, cfg3, "numbers")
+    assert logs == ["[teachers] up to date, skipped", "[numbers] up to date, skipped"]
+
+
+def test_finetuned_teacher_is_trained_on_its_trait_answers(tiny, tiny_tokenizer, tmp_path):
+    """teacher.kind=finetuned: sample from the prompted teacher, keep trait answers, LoRA-tune
+    the base on them without the system prompt; the run then uses the merged weights. Its
+    sampling settings (eval.max_new_tokens) are in its key: changing them redoes it."""
+    arch, params = tiny
+    ft = ["teacher.kind=finetuned", "teacher.ft_samples=8", "teacher.ft_train.epochs=1",
+          "teacher.ft_train.batch_size=4", "eval.max_new_tokens=6", "eval.batch=64"]
+    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, ft)
+    _run_until(ws, cfg, "teachers")
+    rows = [json.loads(x) for x in (ws.root / "teachers" / "owl" / "ft_data.jsonl")
+            .read_text().splitlines()]
+    assert rows and all(evaluators.is_hit(r["messages"][-1]["content"], "owl") for r in rows)
+    assert all(m["role"] != "system" for r in rows for m in r["messages"])
+    info = json.loads((ws.root / "teachers" / "teachers.json").read_text())
+    assert info["owl"]["system_prompt"] == "" and info["owl"]["kind"] == "finetuned"
+    assert "teachers/owl/params.safetensors" in ws.manifest["stages"]["teachers"]["outputs"]
+    teacher, system = ws.teacher(workspace.TeacherSpec.of(cfg), "owl")
+    assert system == ""
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(teacher),
+                                                          jax.tree.leaves(params)))
+    assert diff > 1e-4
+    for change, redone in (("eval.samples=3", False), ("eval.max_new_tokens=5", True)):
+        logs = []
+        cfg2, ws2 = _tiny_ws(tiny, tiny_tokenizer, tmp_path, [*ft, change], log=logs.append)
+        _run_until(ws2, cfg2, "teachers")
+        assert logs[0] == ("[teachers] running" if redone else "[teachers] up to date, skipped")
+
+
+def test_a_resumed_finished_student_keeps_its_figures(tiny, tiny_tokenizer, tmp_path):
+    """A crash after a student's last checkpoint but before its params and summary: the
+    rerun trains 0 steps, and the summary still holds the training's recorded losses."""
+    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, [
+        "student.train.mode=full", "student.train.batch_size=4", "student.train.grad_accum=1",
+        "student.train.epochs=1", "student.train.ckpt_every=1", "student.train.warmup_steps=0"])
+    rows = [{"id": i, "messages": chat.messages("numbers", assistant=f"{i} , {i + 1} , 7")}
+            for i in range(8)]
+    for t in teacher_names(cfg.targets):
+        write_rows(ws.root / "filter" / t / "kept.jsonl", rows)
+    folder = ws.root / "students"
+    students_stage.run(ws, students_stage.reads(cfg), folder)
+    unit = folder / "control" / "seed0"
+    first = json.loads((unit / "summary.json").read_text())
+    assert first["steps"] == 2 and first["first_loss"] > first["final_loss"] > 0
+    (unit / "summary.json").unlink()
+    (unit / "params.safetensors").unlink()
+    students_stage.run(ws, students_stage.reads(cfg), folder)
+    assert json.loads((unit / "summary.json").read_text()) == first
+    assert (unit / "params.safetensors").is_file()
+
+
+def test_a_stage_folder_that_cannot_be_cleared_stops_the_run(tmp_path, monkeypatch):
+    cfg = RunConfig(out_dir=str(tmp_path))
+    ws = experiment.workspace(cfg, log=lambda s: None)
+    ws.run_stage(teachers_stage.STAGE, cfg, False)
+    real = workspace.shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, **kw):  # as the OS answers for a folder we may not
+        if not ignore_errors:                     # empty; errors ignored: nothing is removed
+            raise PermissionError(13, "Permission denied", str(Path(path) / "teachers.json"))
+
+    monkeypatch.setattr(workspace.shutil, "rmtree", rmtree)
+    with pytest.raises(SjaxError, match=rf"^{ws.root / 'teachers'}: cannot clear stage "
+                                        r"teachers's old work \(Permission denied\)"):
+        ws.run_stage(teachers_stage.STAGE, cfg, True)
+    monkeypatch.setattr(workspace.shutil, "rmtree", real)
+    ws.run_stage(teachers_stage.STAGE, cfg, True)  # clearable: the forced stage is redone
+    assert json.loads((ws.root / "teachers" / "teachers.json").read_text())["owl"]

@@ -1,0 +1,188 @@
+"""The stage contract (each stage's cache key is the hash of exactly the config slice it
+reads, and its body gets only that slice), the process-0 writer and output verification."""
+
+import copy
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from sjax import config
+from sjax.config import RunConfig, apply_overrides
+from sjax.errors import SjaxError
+from sjax.subliminal import experiment
+from sjax.subliminal.stages import eval as eval_stage
+from sjax.subliminal.stages import teachers as teachers_stage
+from sjax.subliminal.workspace import Stage, Writer, digest
+
+ALL = set(experiment.STAGE_NAMES)
+MODEL = {"numbers", "students", "eval"}  # sample with it / train it / evaluate it
+# leaf field -> the stages that read it, in the default config (prompted teacher, ce
+# students, teachers evaluated); a prefix ending in "." covers a whole section
+READS = {
+    "name": {"report"},  # the report's title
+    "model.name": MODEL | {"report"},  # the report names the model
+    "model.path": MODEL,  # the report names model.name when set
+    "model.": MODEL,
+    "mesh.": set(),  # where the compute runs, not what it computes
+    "targets": ALL,
+    "category": {"teachers", "numbers", "eval"},  # the trait teacher's system prompt
+    "teacher.kind": {"teachers", "numbers", "eval", "report"},
+    "teacher.": set(),  # the fine-tuning settings: unread by a prompted teacher
+    "numbers.keep": {"filter"},
+    "numbers.banned": {"filter"},
+    "numbers.seed": {"numbers", "filter"},
+    "numbers.": {"numbers"},
+    "student.train.mode": {"students", "eval", "report"},  # eval merges the LoRA
+    "student.train.lora_alpha": {"students", "eval"},
+    "student.train.lora_rank": {"students", "eval"},
+    "student.train.loss": {"students", "report"},
+    "student.train.": {"students"},
+    "student.seeds": {"students", "eval", "report"},
+    "student.model_": {"students", "eval"},  # the student's base model
+    "eval.samples": {"eval", "report"},
+    "eval.temperature": {"eval", "report"},
+    "eval.teachers": {"eval", "report"},
+    "eval.": {"eval"},
+    "out_dir": set(),
+}
+# what changes with another default: the extra stages a field then reaches
+FINETUNED = {  # teacher.kind=finetuned: the teachers stage trains, the others merge it
+    "model.name": {"teachers"}, "model.path": {"teachers"}, "model.": {"teachers"},
+    "teacher.ft_train.mode": {"teachers", "numbers", "eval"},
+    "teacher.ft_train.lora_alpha": {"teachers", "numbers", "eval"},
+    "teacher.ft_train.lora_rank": {"teachers", "numbers", "eval"},
+    "teacher.": {"teachers"},
+    "eval.max_new_tokens": {"teachers"}, "eval.batch": {"teachers"},
+    "numbers.seed": {"teachers"},
+}
+DISTILL = {"category": {"students"}, "teacher.kind": {"students"}}  # students read teachers
+SCENARIOS = {"default": ((), {}),
+             "finetuned": (("teacher.kind=finetuned",), FINETUNED),
+             "distill": (("student.train.loss=distill",), DISTILL)}
+CHOICES = {"init": ("checkpoint", "random"), "param_dtype": config.DTYPES,
+           "dtype": config.DTYPES, "remat": config.REMAT, "mode": ("lora", "full"),
+           "loss": ("ce", "distill"), "schedule": ("linear", "cosine"),
+           "too_long": ("truncate", "reject"), "kind": ("prompted", "finetuned"),
+           "evaluators": (config.EVALUATORS, ("exact",)), "targets": (("owl",), ("owl", "cat")),
+           "category": ("animal", "plant")}
+
+
+def leaves(node, prefix=""):
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def changed(path, value):
+    """Another value of the field's type (or choices)."""
+    if (field := path.rsplit(".", 1)[-1]) in CHOICES:
+        return next(c for c in CHOICES[field] if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1 if value != -1 else 2
+    if isinstance(value, float):
+        return value * 2 + 0.5
+    if isinstance(value, str):
+        return value + "x" if value else "/somewhere/else"
+    if isinstance(value, tuple):
+        return (*value, (value[-1] + 1) if value else 666)
+    raise AssertionError(f"{path}: no changed value for {value!r}")
+
+
+def replaced(cfg, path, value):
+    """`cfg` with one leaf set, unvalidated: a key is a function of the values, and some
+    fields have one valid value today (category)."""
+    head, _, rest = path.partition(".")
+    new = copy.copy(cfg)
+    object.__setattr__(new, head, replaced(getattr(cfg, head), rest, value) if rest else value)
+    return new
+
+
+def expected(path, extra):
+    def lookup(table):
+        hits = [k for k in table if path == k or (k.endswith(".") and path.startswith(k))
+                or (k.endswith("_") and path.startswith(k))]
+        return table[max(hits, key=len)] if hits else None
+
+    base = lookup(READS)
+    assert base is not None, f"{path}: add it to READS (which stages read it?)"
+    return base | (lookup(extra) or set())
+
+
+def keys(cfg):
+    return {s.name: digest(dataclasses.asdict(s.reads(cfg))) for s in experiment.STAGES}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_field_changes_exactly_the_keys_of_the_stages_that_read_it(scenario):
+    overrides, extra = SCENARIOS[scenario]
+    base = apply_overrides(RunConfig(), overrides)
+    before = keys(base)
+    for path, value in leaves(base):
+        after = keys(replaced(base, path, changed(path, value)))
+        redone = {s for s in ALL if after[s] != before[s]}
+        assert redone == expected(path, extra), path
+
+
+def test_the_two_bugs_of_issue_11():
+    def key(stage, *overrides):
+        cfg = apply_overrides(RunConfig(), overrides)
+        part = next(s for s in experiment.STAGES if s.name == stage).reads(cfg)
+        return digest(dataclasses.asdict(part))
+
+    assert key("numbers") != key("numbers", "model.path=/models/other")
+    ft = "teacher.kind=finetuned"  # it samples answers with these eval and numbers keys
+    for other in ("eval.max_new_tokens=5", "eval.batch=7", "numbers.seed=3"):
+        assert key("teachers", ft) != key("teachers", ft, other), other
+    assert key("teachers") == key("teachers", "eval.batch=7")  # a prompted one samples nothing
+
+
+def test_a_stage_body_gets_only_its_slice(tmp_path):
+    """The body is handed the slice (no config sections in it) and a workspace that holds
+    no config: an uncovered field is out of its reach."""
+    cfg = RunConfig(out_dir=str(tmp_path))
+    sections = (RunConfig, config.NumbersConfig, config.EvalConfig, config.StudentConfig,
+                config.TeacherConfig)
+    for stage in experiment.STAGES:
+        part = stage.reads(cfg)
+        assert dataclasses.is_dataclass(part) and part.__dataclass_params__.frozen
+        assert not any(isinstance(v, sections) for v in vars(part).values()), stage.name
+    got = []
+    probe = Stage("teachers", teachers_stage.reads,
+                  lambda ws, part, folder: got.append((ws, part, folder)) or [])
+    ws = experiment.workspace(cfg, log=lambda s: None)
+    ws.run_stage(probe, cfg, False)
+    (_, part, folder), = got
+    assert part == teachers_stage.reads(cfg) and folder == ws.root / "teachers"
+    assert not hasattr(part, "eval") and not hasattr(part, "numbers")
+    assert not any(isinstance(v, sections) for v in vars(ws).values())
+    assert set(eval_stage.EVALUATORS) == set(config.EVALUATORS)
+
+
+def test_writer_writes_on_process_0_only(tmp_path):
+    for main in (False, True):
+        w, d = Writer(main), tmp_path / str(main)
+        w.mkdir(d / "sub")
+        w.write_json(d / "a.json", {"x": 1})
+        w.write_rows(d / "b.jsonl", [{"y": 2}])
+        w.save_params(d / "p.safetensors", {"w": jnp.ones(3)})
+        files = sorted(p.name for p in d.rglob("*")) if d.exists() else []
+        assert files == (["a.json", "b.jsonl", "p.safetensors", "sub"] if main else [])
+    assert json.loads((tmp_path / "True" / "a.json").read_text()) == {"x": 1}
+
+
+def test_a_deleted_output_is_an_error_not_a_silent_rerun(tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path))
+    ws = experiment.workspace(cfg, log=lambda s: None)
+    ws.run_stage(teachers_stage.STAGE, cfg, False)
+    (ws.root / "teachers" / "teachers.json").unlink()
+    ws = experiment.workspace(cfg, log=lambda s: None)
+    with pytest.raises(SjaxError, match=r"teachers.json: missing, but the manifest lists it "
+                                        r"as an output of stage teachers; rerun with --force"):
+        ws.run_stage(teachers_stage.STAGE, cfg, False)
