@@ -61,18 +61,19 @@ if [ "$system" = 1 ]; then
   "$py" - <<'PYEOF' || exit 2
 import importlib.util, sys
 need = ("jax", "optax", "orbax", "numpy", "transformers", "tokenizers", "ml_dtypes", "tqdm",
-        "filelock")
+        "filelock", "gguf", "safetensors")
 missing = [m for m in need if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"launch.sh --system: {sys.executable} lacks the required package(s) "
              f"{', '.join(missing)} (this mode installs nothing)")
 import jax
 devs = jax.devices()
-absent = [m for m in ("gguf", "tensorboardX", "inflect", "torch")
+absent = [m for m in ("tensorboardX", "inflect", "torch")
           if importlib.util.find_spec(m) is None]
 print(f"launch.sh --system: {sys.executable}: jax {jax.__version__}, "
       f"backend {jax.default_backend()}, {len(devs)} x {devs[0].device_kind}"
-      + (f"; optional, not installed: {', '.join(absent)}" if absent else ""), file=sys.stderr)
+      + (f"; not installed: {', '.join(absent)} (tensorboardX: train and run; inflect: run; "
+         "torch: the transformers references)" if absent else ""), file=sys.stderr)
 PYEOF
 else
   py="$VENV/bin/python"

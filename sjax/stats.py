@@ -46,15 +46,19 @@ def rate_ci(values) -> dict:
     negative lower one). Near 0.5, p(1 - p) is flat and it is the t-interval; for 0/1
     values it is Wilson's interval with n - 1 and the t quantile. Deterministic, unlike a
     bootstrap, and keeps the t-quantile's small-n width (a few seeds or models), which a
-    percentile bootstrap loses. All values equal (e.g. all 0): the point [mean, mean].
+    percentile bootstrap loses. All values at a bound (every rate 0, or every rate 1) show
+    no dispersion to estimate: there phi = 1 (binomial), so 0 of n is [0, t^2 / (n + t^2)],
+    not a zero-width claim of certainty; other all-equal values give [mean, mean].
     """
     out = mean_ci(values)
     m, n, std = out["mean"], out["n"], out["std"]
     if n and not 0.0 <= float(np.min(values)) <= float(np.max(values)) <= 1.0:
         raise SjaxError(f"rate_ci: values must lie in [0, 1], got [{np.min(values)}, "
                         f"{np.max(values)}]")
-    if n > 1 and std > 0:
-        k = t95(n - 1) ** 2 * std ** 2 / (n * m * (1 - m))
+    at_bound = m in (0.0, 1.0)
+    if n > 1 and (std > 0 or at_bound):
+        phi = 1.0 if at_bound else std ** 2 / (m * (1 - m))
+        k = t95(n - 1) ** 2 * phi / n
         root = math.sqrt(k * k + 4 * k * m * (1 - m))
         out["lo"] = max(0.0, (2 * m + k - root) / (2 * (1 + k)))
         out["hi"] = min(1.0, (2 * m + k + root) / (2 * (1 + k)))

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from sjax import distributed
@@ -260,7 +259,13 @@ class MetricsLog:
     def __init__(self, folder: Path):
         self.main = distributed.is_main()
         self.jsonl = open(Path(folder) / "metrics.jsonl", "a") if self.main else None
-        self.tb = SummaryWriter(str(Path(folder) / "tb")) if self.main else None
+        if self.main:
+            # lazy: tensorboardX imports torch when it is installed (seconds, every command)
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(folder) / "tb"))
+        else:
+            self.tb = None
 
     def write(self, rec: dict) -> None:
         """One record {'step': int, name: number, ...}, flushed."""

@@ -4,6 +4,7 @@ import functools
 import math
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
@@ -96,3 +97,20 @@ def test_bench_sample_runs_on_a_tiny_model(tmp_path, tiny_tokenizer):
                 r["decode_gflop_s"] / r["ceiling_median_gflop_s"])
             assert 0 < r["ceiling_median_gflop_s"] <= r["ceiling_max_gflop_s"]
     assert (tmp_path / "bench_sample.json").is_file()
+
+
+def test_decode_is_timed_on_its_own_not_as_a_difference(monkeypatch):
+    """The decode figure is the decode loop's own time: with a prefill slower than the
+    decode, a `whole - prefill` subtraction would go negative; here each call is timed."""
+    arch, params = hf_to_sjax(tiny_hf_model("llama"))
+    timed = []
+
+    def fake_time_call(fn, *args, **kw):  # prefill takes 5 arguments, the decode loop 6
+        timed.append(len(args))
+        return 1.0 if len(args) == 5 else 0.25
+
+    monkeypatch.setattr(bench.perf, "time_call", fake_time_call)
+    prompts = np.ones((2, 8), np.int32)
+    pre_s, dec_s, steps = bench._time_ours(jax.tree.map(jnp.asarray, params), arch, prompts,
+                                           4, jnp.float32, 3)
+    assert (pre_s, dec_s, steps) == (1.0, 0.25, 4) and timed == [5, 6]

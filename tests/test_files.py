@@ -161,3 +161,24 @@ def test_one_row_dataset_without_final_newline_trains_on_its_row(tmp_path, tiny_
                     '{"role": "assistant", "content": "owl"}]}')
     data = sft.load_jsonl(path, tiny_tokenizer, 64)
     assert len(data.ids) == 1 and data.masks[0].sum() > 0
+
+
+def test_installs_take_wheels_only_and_run_no_package_code(tmp_path, monkeypatch):
+    """pip is asked for wheels only with no dependencies, into a scratch folder: no setup.py
+    can run before the sha256 check; a failed pip is one line naming the packages."""
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no matching distribution\n")
+
+    monkeypatch.setattr(files.subprocess, "run", fake_run)
+    pin = files.Pinned(("six.py",), 1, "0" * 64)
+    with pytest.raises(SjaxError, match=r"^six: pip install of six==1.16.0 failed: ERROR: no "
+                                        r"matching distribution$"):
+        files.install_pinned("six", ("six==1.16.0",), {tmp_path / "six.py": pin})
+    (cmd,) = calls
+    assert "--only-binary=:all:" in cmd and "--no-deps" in cmd and cmd[-1] == "six==1.16.0"
+    target = Path(cmd[cmd.index("--target") + 1])
+    assert target.parent == tmp_path and not target.exists()  # scratch, removed
+    assert not (tmp_path / "six.py").exists()

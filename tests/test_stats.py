@@ -78,8 +78,12 @@ def test_rate_ci_of_bernoulli_values_is_wilson():
 
 
 def test_rate_ci_edges():
-    assert stats.rate_ci(np.zeros(50)) | {"std": 0} == {"mean": 0, "lo": 0, "hi": 0, "n": 50,
-                                                        "std": 0}
+    # 0 hits in 50: not a zero-width [0, 0] but the binomial (Wilson) bound t^2 / (n + t^2),
+    # with scipy's t quantile at 49 degrees of freedom; mirrored for all ones
+    t2 = scipy_stats.t.ppf(0.975, 49) ** 2
+    zero, one = stats.rate_ci(np.zeros(50)), stats.rate_ci(np.ones(50))
+    assert (zero["mean"], zero["lo"]) == (0, 0) and zero["hi"] == pytest.approx(t2 / (50 + t2))
+    assert (one["mean"], one["hi"]) == (1, 1) and one["lo"] == pytest.approx(50 / (50 + t2))
     assert (stats.rate_ci([0.2, 0.2])["lo"], stats.rate_ci([0.2, 0.2])["hi"]) == (0.2, 0.2)
     assert math.isnan(stats.rate_ci([0.4])["lo"])
     with pytest.raises(SjaxError, match=r"rate_ci: values must lie in \[0, 1\]"):

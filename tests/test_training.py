@@ -366,12 +366,15 @@ def _restore(folder, step):
         mgr.close()
 
 
-@pytest.mark.parametrize("lr, ckpt_every, good", [
-    (1e30, 2, None),  # step 2 diverges before the first checkpoint
-    (1e8, 1, 1),  # step 2's loss is finite but its update is not: step 1 is the last good
+@pytest.mark.parametrize("lr, ckpt_every, step, what, good", [
+    (1e30, 2, 2, "", None),  # step 2 diverges before the first checkpoint
+    (1e8, 1, 2, "", 1),  # step 2's loss is finite but its update is not: step 1 is the last good
+    # step 1's loss and gradient are finite, its update (lr = inf in fp32) is not: only the
+    # params check before the save stops it; the old code saved step 1 and called it good
+    (1e39, 1, 1, "non-finite params after the update", None),
 ])
 def test_fit_stops_on_divergence_naming_a_finite_checkpoint(tmp_path, tiny, tiny_tokenizer,
-                                                            lr, ckpt_every, good):
+                                                            lr, ckpt_every, step, what, good):
     arch, params = tiny
     data = sft.tokenize_rows(_rows(16, np.random.default_rng(0)), tiny_tokenizer, 64)
     cfg = TrainConfig(mode="full", lr=lr, warmup_steps=0, clip_norm=1e30, batch_size=4,
@@ -380,7 +383,7 @@ def test_fit_stops_on_divergence_naming_a_finite_checkpoint(tmp_path, tiny, tiny
     with pytest.raises(SjaxError) as e:
         fit(arch, params, data, cfg, mesh, tmp_path, pad_id=1, log=lambda s: None)
     msg, folder = str(e.value), tmp_path / "checkpoints"
-    assert msg.startswith("training diverged at step 2 (") and "\n" not in msg
+    assert msg.startswith(f"training diverged at step {step} ({what}") and "\n" not in msg
     saved = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
     if good is None:
         assert msg.endswith(f"no checkpoint was written to {folder}") and saved == []

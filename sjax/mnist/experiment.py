@@ -211,7 +211,7 @@ def _train(epoch_fn, params, tx, n_epochs: int, key, desc: str, flops_per_epoch:
 
 
 @dataclasses.dataclass
-class Run:
+class MnistResult:
     """Results of one full experiment (teacher, four students, reference, theorem check)."""
 
     accuracies: dict[str, np.ndarray]
@@ -231,7 +231,7 @@ def train_teacher(cfg: MnistConfig, data, init, key):
                   matmul_dtype=jnp.dtype(cfg.matmul_dtype))
 
 
-def run_experiment(cfg: MnistConfig, data, teacher_cache: dict | None = None) -> Run:
+def run_experiment(cfg: MnistConfig, data, teacher_cache: dict | None = None) -> MnistResult:
     n, dim = data["x_train"].shape
     sizes = _sizes(cfg, dim)
     keys = dict(zip(("init", "teacher", "noise", "student", "perm", "sigma", "theorem"),
@@ -277,7 +277,7 @@ def run_experiment(cfg: MnistConfig, data, teacher_cache: dict | None = None) ->
                 matmul_dtype=jnp.dtype(cfg.matmul_dtype))
             acc[name] = accuracy(params, x_test, y_test)
     theorem = theorem_check(init, starts["cross"], data, keys, cfg, dim)
-    return Run({k: np.asarray(v) for k, v in acc.items()}, losses, seconds, rates, theorem)
+    return MnistResult({k: np.asarray(v) for k, v in acc.items()}, losses, seconds, rates, theorem)
 
 
 def theorem_check(init, cross_init, data, keys, cfg: MnistConfig, dim: int) -> dict:
@@ -328,7 +328,7 @@ LABELS = {
 }
 
 
-def summarise(run: Run) -> dict:
+def summarize(run: MnistResult) -> dict:
     out = {"accuracy": {k: stats.rate_ci(v) for k, v in run.accuracies.items()},
            "theorem_cosine": {k: stats.mean_ci(v) | {
                "frac_positive": float((v > 0).mean()),
@@ -356,7 +356,7 @@ def run(cfg: MnistConfig) -> dict:
     if cfg.sweep:
         return _sweep(cfg, data, out)
     r = run_experiment(cfg, data)
-    summary = summarise(r)
+    summary = summarize(r)
     peak, peak_source = perf.device_peak()
     summary |= {"config": dataclasses.asdict(cfg), "wall_seconds": time.perf_counter() - t0,
                 "device": f"{len(devices)} x {devices[0].device_kind}",
@@ -392,7 +392,7 @@ def _sweep(cfg: MnistConfig, data, out: Path) -> dict:
                                         "student_aux_cross_init")}
     for v in tqdm(values, desc=f"sweep {key}"):
         r = run_experiment(dataclasses.replace(cfg, sweep="", **{key: v}), data, teachers)
-        s = summarise(r)
+        s = summarize(r)
         for cond in series:
             series[cond].append(s["accuracy"][cond])
             rows.append((v, cond, *(s["accuracy"][cond][x] for x in ("mean", "lo", "hi"))))

@@ -13,7 +13,6 @@ import re
 from functools import lru_cache
 from typing import Iterable, NamedTuple
 
-import inflect
 import numpy as np
 
 from sjax.subliminal.prompts import eval_prompts, grammar
@@ -33,6 +32,8 @@ class TargetForms(NamedTuple):
 def target_forms(target: str) -> TargetForms:
     """The target (a singular noun, as configured) and its English plural by `inflect`:
     wolf -> wolves, mouse -> mice, sheep -> sheep, cherry tree -> cherry trees."""
+    import inflect  # lazy: its import takes ~1.5 s, and only target forms need it
+
     return TargetForms(target, inflect.engine().plural_noun(target))
 
 

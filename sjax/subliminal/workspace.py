@@ -210,8 +210,11 @@ class Workspace:
         key, part = self.stage_key(stage, cfg)
         stages = self.manifest["stages"]
         rec = stages.get(name)
-        if rec and not forced and rec["key"] == key:
-            self.verify(name, rec)
+        # process 0's manifest decides for all: hosts that see the shared folder late must
+        # not skip a stage the others run (they would wait in a collective forever)
+        if distributed.from_main(bool(rec and not forced and rec["key"] == key)):
+            if self.writer.main:  # the one whose manifest decided
+                self.verify(name, rec)
             self.log(f"[{name}] up to date, skipped")
             return
         folder = self.root / name

@@ -51,7 +51,9 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
                           remat=r.model.remat, teacher=teacher_params,
                           data_sha256=sha256_file(kept), log=ws.log)
                 ws.writer.save_params(final, res["state"]["params"])
-                ws.writer.write_json(summary, train_summary(out / "metrics.jsonl", res, data))
+                if ws.writer.main:  # train_summary repairs metrics.jsonl: process 0's file
+                    ws.writer.write_json(summary, train_summary(out / "metrics.jsonl", res,
+                                                                data))
             outputs += [final, summary]
     return outputs
 
