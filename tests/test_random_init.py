@@ -1,6 +1,7 @@
 """model.init=random: shipped architectures, sharded random params, the byte tokenizer."""
 
 import dataclasses
+import os
 import functools
 import json
 
@@ -147,6 +148,11 @@ def test_random_qwen_matches_the_gguf_architecture_and_step_time():
         assert got == dataclasses.replace(ours, norm_eps=float(np.float32(ours.norm_eps)),
                                           tie_embeddings=got.tie_embeddings), reg
     job = {"impl": "sjax", "mode": "lora", "batch": 8, "seq": 64, "steps": 5}
+    # one CPU device, as `bench train` runs: the suite's 8 fake devices would replicate the
+    # 0.5B params 8 times over (an OOM on 24 GB)
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8",
+                                                    "")
+    env = os.environ | {"XLA_FLAGS": flags.strip()}
     times = {}
     for init in ("checkpoint", "random", "checkpoint", "random"):  # interleaved: drift cancels
         model = dataclasses.asdict(ModelConfig(name="qwen2.5-coder-0.5b-instruct", init=init))
@@ -154,7 +160,7 @@ def test_random_qwen_matches_the_gguf_architecture_and_step_time():
         # this machine's memory
         proc = subprocess.run([sys.executable, "-m", "sjax.bench.train",
                                json.dumps(job | {"model": model})], capture_output=True,
-                              text=True, check=True)
+                              text=True, check=True, env=env)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         assert np.isfinite(r["losses"]).all()
         times[init] = min(times.get(init, np.inf), r["step_s"])
