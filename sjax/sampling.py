@@ -8,7 +8,6 @@ per row folded with the step number, so a row's sample does not depend on its ba
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -30,6 +29,7 @@ from sjax.jsonl import read_done_ids
 from sjax.models.transformer import (ArchConfig, Params, forward, init_cache,
                                      logits_from_hidden, positions_from_valid)
 from sjax.sharding import batch_sharding, batch_shards, global_array, to_host
+from sjax.writer import Writer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,14 +229,12 @@ def generate_jsonl(path, rows: Sequence[dict], params: Params, arch: ArchConfig,
     every batch (each computes its devices' rows) and only process 0 touches the file; the
     run folder must then be on a filesystem all hosts share.
     """
-    path = Path(path)
-    main = distributed.is_main()
+    path, writer = Path(path), Writer()
+    main = writer.main
     done = read_done_ids(path) if main else set()  # read (and a torn tail cut) by process 0
     todo_mask = distributed.from_main(np.asarray([r["id"] not in done for r in rows], bool))
     todo = [r for r, t in zip(rows, todo_mask) if t]
-    if main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    with (open(path, "a") if main else contextlib.nullcontext()) as f, tqdm(
+    with writer.appending(path) as f, tqdm(
             total=len(rows), initial=len(rows) - len(todo), desc=desc, unit="row",
             disable=not main) as bar:
         for i in range(0, len(todo), batch_size):

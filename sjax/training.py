@@ -11,6 +11,7 @@ moment resumes from its last checkpoint and ends bitwise equal to an uninterrupt
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import functools
 import json
 import math
@@ -31,11 +32,11 @@ from sjax import sharding
 from sjax.config import TrainConfig
 from sjax.data.sft import Batch, batches_per_epoch, epoch_batches
 from sjax.errors import SjaxError
-from sjax.files import atomic_write_json
 from sjax.losses import masked_ce, masked_kl
 from sjax.models.transformer import (ArchConfig, Params, forward, head_matrix_dv,
                                      matmul_params, param_logical_axes)
 from sjax.perf import device_peak, mfu
+from sjax.writer import Writer
 
 State = dict[str, Any]
 
@@ -229,8 +230,8 @@ class Checkpoints:
                 self.manager.close()
                 raise SjaxError(f"{self.folder}: its checkpoints come from another run "
                                 f"({'; '.join(diff)}); use another out_dir")
-        elif distributed.is_main():  # nothing to resume yet: this run's identity
-            atomic_write_json(fp_file, fp)
+        else:  # nothing to resume yet: this run's identity
+            Writer().write_json(fp_file, fp)
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -257,8 +258,10 @@ class MetricsLog:
     other processes every call is a no-op."""
 
     def __init__(self, folder: Path):
-        self.main = distributed.is_main()
-        self.jsonl = open(Path(folder) / "metrics.jsonl", "a") if self.main else None
+        writer = Writer()
+        self.main = writer.main
+        self._files = contextlib.ExitStack()
+        self.jsonl = self._files.enter_context(writer.appending(Path(folder) / "metrics.jsonl"))
         if self.main:
             # lazy: tensorboardX imports torch when it is installed (seconds, every command)
             from tensorboardX import SummaryWriter
@@ -280,7 +283,7 @@ class MetricsLog:
     def close(self) -> None:
         if self.main:
             self.tb.close()
-            self.jsonl.close()
+        self._files.close()
 
 
 def pad_batch_rows(batch: Batch, n: int) -> Batch:

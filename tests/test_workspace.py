@@ -14,7 +14,8 @@ from sjax.errors import SjaxError
 from sjax.subliminal import experiment
 from sjax.subliminal.stages import eval as eval_stage
 from sjax.subliminal.stages import teachers as teachers_stage
-from sjax.subliminal.workspace import Stage, Writer, digest
+from sjax.subliminal.workspace import Stage, digest
+from sjax.writer import Writer
 
 ALL = set(experiment.STAGE_NAMES)
 MODEL = {"numbers", "students", "eval"}  # sample with it / train it / evaluate it
@@ -186,3 +187,14 @@ def test_a_deleted_output_is_an_error_not_a_silent_rerun(tmp_path):
     with pytest.raises(SjaxError, match=r"teachers.json: missing, but the manifest lists it "
                                         r"as an output of stage teachers; rerun with --force"):
         ws.run_stage(teachers_stage.STAGE, cfg, False)
+
+
+def test_writer_appends_on_process_0_only(tmp_path):
+    """Generated rows and metrics go through `Writer.appending`: a file on process 0, None
+    (and no folder made) elsewhere."""
+    with Writer(True).appending(tmp_path / "a" / "rows.jsonl") as f:
+        f.write("x\n")
+    with Writer(False).appending(tmp_path / "b" / "rows.jsonl") as f:
+        assert f is None
+    assert (tmp_path / "a" / "rows.jsonl").read_text() == "x\n"
+    assert not (tmp_path / "b").exists()

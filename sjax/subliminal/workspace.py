@@ -38,11 +38,11 @@ from sjax import lora as lora_lib
 from sjax.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
 from sjax.errors import SjaxError
 from sjax.files import atomic_write_json, sha256_file
-from sjax.jsonl import write_rows
 from sjax.sharding import global_array, make_mesh, to_host
 from sjax.subliminal import numbers
 from sjax.weights.load import load_model
-from sjax.weights.tree import load_tree, save_tree
+from sjax.weights.tree import load_tree
+from sjax.writer import Writer
 
 CONTROL = "control"  # the teacher without the trait: the base model, no system prompt
 
@@ -91,32 +91,6 @@ class TeacherSpec:
     def of(cls, cfg: RunConfig) -> TeacherSpec:
         ft = Finetune.of(cfg.teacher.ft_train) if cfg.teacher.kind == "finetuned" else None
         return cls(cfg.model, cfg.category, cfg.teacher.kind, ft)
-
-
-class Writer:
-    """The process-0 rule in one place: every run-folder file goes through here, and on any
-    other process writing is a no-op (the compute before it still runs everywhere)."""
-
-    def __init__(self, main: bool):
-        self.main = main
-
-    def mkdir(self, path: Path) -> None:
-        if self.main:
-            path.mkdir(parents=True, exist_ok=True)
-
-    def write_json(self, path: Path, obj) -> None:
-        if self.main:
-            atomic_write_json(path, obj)
-
-    def write_rows(self, path: Path, rows) -> None:
-        if self.main:
-            write_rows(path, rows)
-
-    def save_params(self, path: Path, tree) -> None:
-        """Gathered on every process (across hosts a collective), written by process 0."""
-        host = jax.tree.map(lambda x: to_host(x) if isinstance(x, jax.Array) else x, tree)
-        if self.main:
-            save_tree(path, host)
 
 
 def model_key(mcfg: ModelConfig) -> tuple:
