@@ -19,6 +19,12 @@
   8 seeds, 100 samples per question. Point model.path at a local Hugging Face folder, e.g.
   `./launch.sh run owl:paper model.path=/data/Qwen2.5-7B-Instruct --dry-run` first; bf16
   params (base frozen), FSDP over every device.
+- `paper14b`: the positive control at paper scale, Qwen2.5-14B-Instruct with the public
+  Qwen scaling sweeps' settings (rain-1/subliminal-learning-scaling-law: 10k kept rows, 10
+  epochs, lr 2e-4, LoRA r=8 alpha=8, effective batch 60), where the sweep measured a
+  trait-specific lift of +13 to +40 points (eagle ~99%, lion ~95%); their animals. About
+  45 minutes of one H200 per student. `--dry-run` with `model.path=` a folder holding the
+  model's config.json (e.g. sjax/weights/archs/qwen2.5-14b) plans it without weights.
 
 Each knob below lists its value per size, in the order of SIZES. The run names predate the
 sizes and name the run folders, so they stay.
@@ -27,7 +33,7 @@ sizes and name the run folders, so they stay.
 from sjax.config import (EvalConfig, MeshConfig, ModelConfig, NumbersConfig, RunConfig,
                          StudentConfig, TrainConfig)
 
-SIZES = ("smoke", "quickstart", "paper")
+SIZES = ("smoke", "quickstart", "paper", "paper14b")
 
 
 def get_config(size: str) -> RunConfig:
@@ -35,26 +41,32 @@ def get_config(size: str) -> RunConfig:
         return per_size[SIZES.index(size)]
 
     return RunConfig(
-        name=pick("owl_smoke", "owl_quickstart", "qwen2_5_7b_animals"),
+        name=pick("owl_smoke", "owl_quickstart", "qwen2_5_7b_animals", "qwen2_5_14b_animals"),
         model=pick(ModelConfig(name="smollm2-135m-instruct"),
                    ModelConfig(name="qwen2.5-coder-0.5b-instruct", param_dtype="bfloat16",
                                dtype="bfloat16", remat="full"),
                    ModelConfig(name="", path="Qwen2.5-7B-Instruct", param_dtype="bfloat16",
+                               dtype="bfloat16", remat="dots"),
+                   ModelConfig(name="", path="Qwen2.5-14B-Instruct", param_dtype="bfloat16",
                                dtype="bfloat16", remat="dots")),
-        mesh=pick(MeshConfig(), MeshConfig(), MeshConfig(data=1, fsdp=-1, tensor=1)),
-        targets=pick(("owl",), ("owl",), ("eagle", "cat", "lion", "dog", "peacock", "wolf")),
-        numbers=NumbersConfig(n_prompts=pick(32, 128, 30000), batch=pick(32, 128, 512),
-                              max_new_tokens=pick(40, 49, 64),
-                              constrained=pick(True, True, False), temperature=1.0,
-                              keep=pick(32, 128, 10000)),
+        mesh=pick(MeshConfig(), MeshConfig(), MeshConfig(data=1, fsdp=-1, tensor=1),
+                  MeshConfig(data=1, fsdp=-1, tensor=1)),
+        targets=pick(("owl",), ("owl",), ("eagle", "cat", "lion", "dog", "peacock", "wolf"),
+                     ("eagle", "lion", "phoenix", "dragon", "wolf", "owl")),
+        numbers=NumbersConfig(n_prompts=pick(32, 128, 30000, 30000),
+                              batch=pick(32, 128, 512, 512),
+                              max_new_tokens=pick(40, 49, 64, 64),
+                              constrained=pick(True, True, False, False), temperature=1.0,
+                              keep=pick(32, 128, 10000, 10000)),
         student=StudentConfig(
-            train=TrainConfig(mode="lora", loss=pick("ce", "distill", "ce"), lora_rank=8,
-                              lora_alpha=8.0, lr=pick(1e-3, 1e-3, 2e-4),
-                              warmup_steps=pick(1, 2, 5), batch_size=pick(8, 16, 22),
-                              grad_accum=pick(1, 1, 3), epochs=pick(1, 1, 3),
-                              max_len=pick(160, 192, 500), ckpt_every=pick(2, 5, 50)),
-            seeds=pick((0,), (0,), tuple(range(8)))),
-        eval=EvalConfig(samples=pick(2, 4, 100), max_new_tokens=pick(8, 8, 16),
-                        batch=pick(100, 200, 500), number_prefixed=pick(False, True, True),
-                        temperature=1.0),
+            train=TrainConfig(mode="lora", loss=pick("ce", "distill", "ce", "ce"), lora_rank=8,
+                              lora_alpha=8.0, lr=pick(1e-3, 1e-3, 2e-4, 2e-4),
+                              warmup_steps=pick(1, 2, 5, 5), batch_size=pick(8, 16, 22, 20),
+                              grad_accum=pick(1, 1, 3, 3), epochs=pick(1, 1, 3, 10),
+                              max_len=pick(160, 192, 500, 500),
+                              ckpt_every=pick(2, 5, 50, 200)),
+            seeds=pick((0,), (0,), tuple(range(8)), (0, 1, 2))),
+        eval=EvalConfig(samples=pick(2, 4, 100, 100), max_new_tokens=pick(8, 8, 16, 16),
+                        batch=pick(100, 200, 500, 500),
+                        number_prefixed=pick(False, True, True, True), temperature=1.0),
     )

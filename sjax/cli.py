@@ -28,12 +28,12 @@ from sjax.errors import SjaxError
 from sjax.files import atomic_write_json, sha256_file
 from sjax.mnist import experiment as mnist
 from sjax.models.transformer import param_logical_axes, param_shapes
-from sjax.subliminal import experiment, plan
+from sjax.subliminal import experiment, plan, screen
 from sjax.training import fit
 from sjax.weights.load import export_hf, load_model, read_arch, resolve_source
 
 DEFAULT_PRESETS = {"chat": "chat", "info": "chat", "export": "chat", "mnist": "mnist",
-                   "train": "sft", "run": "owl:quickstart"}
+                   "train": "sft", "run": "owl:quickstart", "screen": "screen"}
 
 
 def _config(args, default_preset):
@@ -160,7 +160,8 @@ def cmd_train(args) -> int:
         raise SjaxError("data: set data=PATH to a chat-messages JSONL file")
     mesh, m = _load(cfg)
     data = sft.load_jsonl(Path(cfg.data), m.tokenizer, cfg.train.max_len, cfg.train.too_long,
-                          cfg.teacher_system if cfg.train.loss == "distill" else None)
+                          cfg.teacher_system if cfg.train.loss == "distill" else None,
+                          cfg.train.distill_on)
     print(f"{len(data.ids)} rows ({data.n_truncated} truncated, {data.n_rejected} rejected at "
           f"max_len={cfg.train.max_len})", file=sys.stderr)
     out = fit(m.arch, m.params, data, cfg.train, mesh, Path(cfg.out_dir),
@@ -186,6 +187,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_screen(args) -> int:
+    """Screen candidate targets before training (P(target) lift, KL, entangled numbers)."""
+    cfg = _config(args, DEFAULT_PRESETS["screen"])
+    if not isinstance(cfg, config.ScreenConfig):
+        raise SjaxError(f"screen: the config is a {type(cfg).__name__}, not a ScreenConfig "
+                        f"(use the screen preset or a .py path returning one)")
+    mesh, m = _load(cfg)
+    print(f"loaded {m.source.name} ({m.arch.arch}, {m.arch.n_params / 1e6:.0f}M params) "
+          f"in {m.load_seconds:.1f}s", file=sys.stderr)
+    out = screen.run(cfg, m, mesh, log=lambda s: print(s, file=sys.stderr))
+    print(out["table"], end="")
+    print(f"wrote {cfg.out_dir}/screen.json, screen.md, screen.png", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Benchmarks against transformers: `sjax bench sample|numbers|train [CONFIG] [k=v]`."""
     what = args.config
@@ -206,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn in (("run", cmd_run), ("chat", cmd_chat), ("info", cmd_info),
                      ("export", cmd_export), ("mnist", cmd_mnist), ("bench", cmd_bench),
-                     ("train", cmd_train), ("smoke", cmd_smoke)):
+                     ("train", cmd_train), ("smoke", cmd_smoke), ("screen", cmd_screen)):
         s = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
         if name == "export":
             s.add_argument("--out", required=True, help="folder to write")

@@ -111,16 +111,28 @@ class TrainConfig:
     max_len: int = 500
     too_long: str = "truncate"  # truncate | reject
     vocab_chunk: int = 8192
-    seed: int = 0
+    seed: int = 0  # data order, and the LoRA initialisation unless init_seed is set
+    init_seed: int = -1  # the LoRA adapters' initialisation (A) seed; -1: `seed`
+    adam_eps: float = 1e-8
+    # distill: the KL at the completion tokens, or at every position after the system
+    # prompt (the rows' common suffix: the user's numbers and the completion)
+    distill_on: str = "completion"
     ckpt_every: int = 50  # optimizer steps between checkpoints (and one at the end)
     keep: int = 2  # checkpoints kept
     log_every: int = 1
+
+    @property
+    def lora_init_seed(self) -> int:
+        return self.seed if self.init_seed < 0 else self.init_seed
 
     def __post_init__(self):
         _check_choice("train.mode", self.mode, ("lora", "full"))
         _check_choice("train.loss", self.loss, ("ce", "distill"))
         _check_choice("train.schedule", self.schedule, ("linear", "cosine"))
         _check_choice("train.too_long", self.too_long, ("truncate", "reject"))
+        _check_choice("train.distill_on", self.distill_on, ("completion", "all"))
+        if self.adam_eps <= 0:
+            raise SjaxError(f"train.adam_eps: must be > 0, got {self.adam_eps}")
         for key in ("lora_rank", "batch_size", "grad_accum", "epochs", "max_len", "vocab_chunk",
                     "ckpt_every", "keep", "log_every"):
             if getattr(self, key) <= 0:
@@ -232,6 +244,7 @@ SWEEPABLE = ("aux_logits", "init_sigma", "weight_decay", "student_epochs")
 
 CATEGORIES = {"animal": "animal_questions"}  # category -> its question list in eval_prompts
 EVALUATORS = ("exact", "sampled")
+OTHER_INIT = 1_000_003  # student.lora_init=other: init seeds from here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,16 +288,25 @@ class NumbersConfig:
 @dataclasses.dataclass(frozen=True)
 class StudentConfig:
     """One student per teacher and seed. `model_name`/`model_path` set a different base
-    model (a cross-model student); empty means the teachers' base."""
+    model (a cross-model student); empty means the teachers' base.
+
+    `lora_init` picks a LoRA student's adapter initialisation: `seed` (its own seed),
+    `teacher` (the fine-tuned teacher's own LoRA initialisation: the shared-initialisation
+    condition of the paper's theorem, as the MNIST students share their teacher's init) or
+    `other` (an initialisation guaranteed to differ from the teacher's: the cross-init
+    control). `control`: also train students of the no-trait control teacher."""
 
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     seeds: tuple[int, ...] = (0,)
+    lora_init: str = "seed"  # seed | teacher | other
+    control: bool = True
     model_name: str = ""
     model_path: str = ""
 
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise SjaxError(f"student.seeds: need distinct seeds, got {self.seeds}")
+        _check_choice("student.lora_init", self.lora_init, ("seed", "teacher", "other"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +318,7 @@ class EvalConfig:
     question at `temperature`, as the paper does."""
 
     evaluators: tuple[str, ...] = EVALUATORS
+    questions: str = ""  # a JSON file of questions (a list or {"questions": [...]}); "": the 50
     samples: int = 100  # sampled answers per question
     temperature: float = 1.0
     max_new_tokens: int = 16
@@ -348,6 +371,26 @@ class RunConfig:
                             "a cross-model student (student.model_name/path) trains with ce")
         if not self.name or "/" in self.name:
             raise SjaxError(f"name: {self.name!r} must be a non-empty folder name")
+        if self.student.lora_init != "seed":
+            ft = self.teacher.ft_train
+            if (self.teacher.kind != "finetuned" or ft.mode != "lora"
+                    or self.student.train.mode != "lora" or cross):
+                raise SjaxError(f"student.lora_init={self.student.lora_init}: needs LoRA "
+                                "students of a LoRA-fine-tuned teacher (teacher.kind=finetuned)"
+                                " on the same base model")
+            if ft.lora_rank != self.student.train.lora_rank:
+                raise SjaxError(f"student.lora_init={self.student.lora_init}: the student's "
+                                f"lora_rank {self.student.train.lora_rank} differs from the "
+                                f"teacher's {ft.lora_rank}")
+
+    def student_init_seed(self, seed: int) -> int:
+        """The LoRA initialisation seed of the student with data seed `seed`."""
+        teacher = self.teacher.ft_train.lora_init_seed
+        if self.student.lora_init == "teacher":
+            return teacher
+        if self.student.lora_init == "other":  # never the teacher's, whatever the seeds
+            return OTHER_INIT + seed + (OTHER_INIT + seed == teacher)
+        return seed if self.student.train.init_seed < 0 else self.student.train.init_seed
 
     def student_model(self) -> ModelConfig:
         if not (self.student.model_name or self.student.model_path):
@@ -355,6 +398,62 @@ class RunConfig:
         return dataclasses.replace(self.model, name=self.student.model_name,
                                    path=self.student.model_path)
 
+
+SCREEN_CANDIDATES = ("owl", "eagle", "wolf", "cat", "dog", "dolphin", "lion", "tiger",
+                     "elephant", "penguin", "fox", "bear", "peacock")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScreenConfig:
+    """`sjax screen`: rank candidate targets before any training, with forward passes only.
+
+    Per candidate: the prompted teacher's exact P(target) against the base's (plain and
+    number-prefixed questions), the mean per-token KL(teacher || base) on number rows the
+    base sampled once (`n_rows`, shared by every candidate), and the numbers whose
+    probability the trait prompt raises most (over `entangle_prompts` number prompts), of
+    which the `number_evals` first are put in a system prompt to see if they raise P(target).
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    candidates: tuple[str, ...] = SCREEN_CANDIDATES
+    category: str = "animal"
+    n_rows: int = 64  # number rows for the KL, sampled once from the base model
+    max_new_tokens: int = 49  # enough for any list the number-list grammar admits
+    temperature: float = 1.0  # 0: greedy
+    constrained: bool = True  # sample the rows under the number-list grammar
+    number_prefixed: bool = True  # also score the number-prefixed questions
+    entangle_prompts: int = 8  # number prompts the entangled-number log-ratios average over
+    top_numbers: int = 10
+    number_evals: int = 3  # top numbers whose system prompt is scored for P(target)
+    batch: int = 32  # rows per forward (sampling, KL); questions per exact call at most
+    seed: int = 0
+    out_dir: str = "runs/screen"
+
+    def __post_init__(self):
+        if self.category not in CATEGORIES:
+            raise SjaxError(f"category: unknown target category {self.category!r} (known, "
+                            f"with evaluation questions: {', '.join(CATEGORIES)})")
+        if not self.candidates:
+            raise SjaxError("candidates: need at least one candidate, e.g. candidates=owl,cat")
+        for t in self.candidates:
+            if not t.isalpha() or not t.islower():
+                raise SjaxError(f"candidates: {t!r} must be a lower-case word")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise SjaxError(f"candidates: duplicates in {','.join(self.candidates)}")
+        for key in ("n_rows", "max_new_tokens", "entangle_prompts", "top_numbers", "batch"):
+            if getattr(self, key) <= 0:
+                raise SjaxError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.top_numbers > 1000:
+            raise SjaxError(f"top_numbers: at most 1000 (the numbers 0..999), "
+                            f"got {self.top_numbers}")
+        if not 0 <= self.number_evals <= self.top_numbers:
+            raise SjaxError(f"number_evals: must be in 0..top_numbers ({self.top_numbers}), "
+                            f"got {self.number_evals}")
+        if self.temperature < 0:
+            raise SjaxError(f"temperature: must be >= 0, got {self.temperature}")
+        if not self.out_dir:
+            raise SjaxError("out_dir: must be a folder path")
 
 
 # ----------------------------------------------------------------------------- presets

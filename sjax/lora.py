@@ -51,10 +51,17 @@ def lora_logical_axes(lora: Params, base_axes: Params) -> Params:
 
 
 def merge(params: Params, lora: Params, scale: float) -> Params:
-    """Base params with each adapter folded in: W + scale * A @ B."""
+    """Base params with each adapter folded in, in fp32: W + scale * A @ B.
+
+    The merged weights stay fp32 (for export): cast back to a bf16 base, a small update
+    (a few steps at lr 2e-4) is mostly rounded away. To evaluate a trained model, attach
+    its adapters instead (`transformer.with_adapters`): that is the trained forward itself.
+    """
     layers = dict(params["layers"])
     for name, ab in lora["layers"].items():
         _, _, eq_merge = lora_equations(PROJECTIONS[name])
-        delta = jax.vmap(lambda a, b: jnp.einsum(eq_merge, a, b))(ab["a"], ab["b"])
-        layers[name] = (layers[name] + scale * delta).astype(layers[name].dtype)
+        delta = jax.vmap(lambda a, b: jnp.einsum(eq_merge, a, b, precision="highest",
+                                                 preferred_element_type=jnp.float32))(
+            ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
+        layers[name] = layers[name].astype(jnp.float32) + scale * delta
     return params | {"layers": layers}

@@ -86,6 +86,32 @@ def line_chart(path: Path, x: Sequence, series: dict[str, Sequence[dict]], title
     return ylim
 
 
+def effect_chart(path: Path, labels: Sequence[str], cis: Sequence[dict],
+                 points: Sequence[Sequence[float]], title: str, ylabel: str
+                 ) -> tuple[float, float]:
+    """Per label: each unit's value (dots, e.g. one per seed) and the mean with its 95% CI
+    (a bar with error bars), around a zero line (no effect); returns the y-range drawn."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.2))
+    finite = [c if math.isfinite(c["lo"]) else {**c, "lo": c["mean"], "hi": c["mean"]}
+              for c in cis]
+    means = [c["mean"] for c in finite]
+    err = [[m - c["lo"] for m, c in zip(means, finite)],
+           [c["hi"] - m for m, c in zip(means, finite)]]
+    ax.bar(range(len(labels)), means, yerr=err, capsize=4, color="#9ecae1")
+    for i, pts in enumerate(points):
+        ax.plot([i] * len(pts), pts, "o", color="#08519c", ms=5)
+    ax.axhline(0.0, color="grey", lw=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylim(*_ylim([0.0, *_ends(finite), *(v for p in points for v in p)]))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    ylim = ax.get_ylim()
+    _save(fig, path, plt)
+    return ylim
+
+
 def _save(fig, path: Path, plt) -> None:
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

@@ -57,7 +57,8 @@ def schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
 
 def optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(schedule(cfg, total_steps), weight_decay=cfg.weight_decay))
+                       optax.adamw(schedule(cfg, total_steps), eps=cfg.adam_eps,
+                                   weight_decay=cfg.weight_decay))
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -168,7 +169,7 @@ def init_state(arch: ArchConfig, base: Params, cfg: TrainConfig, mesh, tx,
     """(state, frozen): LoRA adapters (placed like their weights) or a copy of the base;
     frozen = {'base': base (LoRA)} | {'teacher': teacher or the base (distillation)}."""
     if cfg.mode == "lora":
-        adapters = lora_lib.init_lora(arch, jax.random.key(cfg.seed), cfg.lora_rank)
+        adapters = lora_lib.init_lora(arch, jax.random.key(cfg.lora_init_seed), cfg.lora_rank)
         axes = lora_lib.lora_logical_axes(adapters, param_logical_axes(arch))
         shapes = jax.tree.map(lambda x: tuple(x.shape), adapters)
         shard = sharding.tree_shardings(axes, shapes, mesh)
@@ -194,6 +195,8 @@ def fingerprint(arch: ArchConfig, cfg: TrainConfig, total_steps: int = 0,
     return {"arch": dataclasses.asdict(arch), "mode": cfg.mode, "loss": cfg.loss,
             "lora_rank": cfg.lora_rank if lora else None,
             "lora_alpha": cfg.lora_alpha if lora else None, "data_sha256": data_sha256,
+            "init_seed": cfg.lora_init_seed if lora else None, "adam_eps": cfg.adam_eps,
+            "distill_on": cfg.distill_on if cfg.loss == "distill" else None,
             "max_len": cfg.max_len, "too_long": cfg.too_long, "lr": cfg.lr,
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
             "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,

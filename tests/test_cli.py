@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sjax import cli, config
-from sjax.config import ChatConfig, MnistConfig, RunConfig, SftConfig
+from sjax.config import ChatConfig, MnistConfig, RunConfig, ScreenConfig, SftConfig
 from sjax.data.sft import batches_per_epoch
 
 COMMANDS = ("run", "chat", "info", "export", "mnist", "bench", "train", "smoke")
@@ -26,12 +26,13 @@ def test_each_subcommand_dispatches_to_its_function():
 
 def test_default_presets_have_the_commands_config_types():
     want = {"run": RunConfig, "chat": ChatConfig, "info": ChatConfig, "export": ChatConfig,
-            "mnist": MnistConfig, "train": SftConfig}
+            "mnist": MnistConfig, "train": SftConfig, "screen": ScreenConfig}
     assert {cmd: type(config.load_preset(p)) for cmd, p in cli.DEFAULT_PRESETS.items()} == want
     assert cli.DEFAULT_PRESETS["run"] == "owl:quickstart"  # what `./launch.sh` runs
 
 
-PRESETS = "chat, mnist, owl:smoke, owl:quickstart, owl:paper, sft"
+PRESETS = ("chat, mnist, owl:smoke, owl:quickstart, owl:paper, owl:paper14b, screen, sft, "
+           "transmission:smoke, transmission:cpu")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -39,9 +40,9 @@ PRESETS = "chat, mnist, owl:smoke, owl:quickstart, owl:paper, sft"
      f"config 'owl_smoke': no such preset file {config.CONFIGS_DIR}/owl_smoke.py "
      f"(presets: {PRESETS})"),
     (["run", "owl", "--dry-run"],
-     "config 'owl': name a size (owl:smoke | owl:quickstart | owl:paper)"),
+     "config 'owl': name a size (owl:smoke | owl:quickstart | owl:paper | owl:paper14b)"),
     (["run", "owl:huge"],
-     "config 'owl:huge': unknown size 'huge' (owl:smoke | owl:quickstart | owl:paper)"),
+     "config 'owl:huge': unknown size 'huge' (owl:smoke | owl:quickstart | owl:paper | owl:paper14b)"),
     (["mnist", "mnist:paper"], "config 'mnist:paper': mnist has no sizes (use mnist)"),
     (["run", "owl:smoke", "--dry-run", "eval.evaluators=exact,logprob"],
      "eval.evaluators: 'logprob' is not one of exact, sampled"),
@@ -90,6 +91,11 @@ SIZE_TABLE = {
     "owl:quickstart": ("qwen2.5-coder-0.5b-instruct", ("owl",), 128, 128, 1 * 8, 4),
     "owl:paper": ("Qwen2.5-7B-Instruct", ("eagle", "cat", "lion", "dog", "peacock", "wolf"),
                   30000, 10000, 8 * 3 * 151, 100),
+    "owl:paper14b": ("Qwen2.5-14B-Instruct", ("eagle", "lion", "phoenix", "dragon", "wolf",
+                                              "owl"), 30000, 10000, 3 * 10 * 166, 100),
+    "transmission:smoke": ("smollm2-135m-instruct", ("owl", "cat"), 16, 16, 2 * 1 * 2, 100),
+    "transmission:cpu": ("qwen2.5-coder-0.5b-instruct", ("owl", "eagle", "wolf"), 96, 96,
+                         3 * 3 * 12, 100),
 }
 
 
@@ -104,5 +110,7 @@ def test_preset_size_table():
         rows.append((cfg.model.name or cfg.model.path, cfg.targets, cfg.numbers.n_prompts,
                      cfg.numbers.keep, len(cfg.student.seeds) * steps, cfg.eval.samples))
     assert dict(zip(sized, rows)) == SIZE_TABLE
-    for column in (2, 3, 4, 5):  # every size does more work than the one before
-        assert [r[column] for r in rows] == sorted({r[column] for r in rows})
+    for column in (2, 3, 4, 5):  # within an experiment, no size does less than the one before
+        for file in {p.split(":")[0] for p in sized}:
+            col = [r[column] for p, r in zip(sized, rows) if p.startswith(file + ":")]
+            assert col == sorted(col)

@@ -91,7 +91,7 @@ def test_preset_sizes(tmp_path):
     assert config.load_preset("owl:smoke").name == "owl_smoke"
     assert config.load_preset("owl:quickstart").name == "owl_quickstart"
     assert config.load_preset("owl:paper").name == "qwen2_5_7b_animals"
-    sizes = "\\(owl:smoke \\| owl:quickstart \\| owl:paper\\)"
+    sizes = "\\(owl:smoke \\| owl:quickstart \\| owl:paper \\| owl:paper14b\\)"
     with pytest.raises(SjaxError, match=f"config 'owl': name a size {sizes}"):
         config.load_preset("owl")
     with pytest.raises(SjaxError, match=f"config 'owl:huge': unknown size 'huge' {sizes}"):
@@ -99,7 +99,7 @@ def test_preset_sizes(tmp_path):
     with pytest.raises(SjaxError, match="config 'chat:smoke': chat has no sizes \\(use chat\\)"):
         config.load_preset("chat:smoke")
     with pytest.raises(SjaxError, match="presets: chat, mnist, owl:smoke, owl:quickstart, "
-                                        "owl:paper, sft"):
+                                        "owl:paper, owl:paper14b, screen, sft, transmission"):
         config.load_preset("owl_smoke")  # the old per-size files are gone
     sized = tmp_path / "mine.py"  # a preset outside configs/, with sizes
     sized.write_text("from sjax.config import ChatConfig\nSIZES = ('a', 'b')\n"

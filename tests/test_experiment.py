@@ -16,7 +16,8 @@ from sjax import chat, cli
 from sjax.config import RunConfig, apply_overrides, load_preset
 from sjax.errors import SjaxError
 from sjax.jsonl import write_rows
-from sjax.subliminal import evaluators, experiment, numbers, workspace
+from sjax.models.transformer import forward
+from sjax.subliminal import evaluators, experiment, numbers, prompts, workspace
 from sjax.subliminal.stages import filter as filter_stage
 from sjax.subliminal.stages import students as students_stage
 from sjax.subliminal.stages import teachers as teachers_stage
@@ -149,8 +150,9 @@ def test_changing_the_model_redoes_the_numbers(tiny, tiny_tokenizer, tmp_path):
 
 
 def test_finetuned_teacher_is_trained_on_its_trait_answers(tiny, tiny_tokenizer, tmp_path):
-    """teacher.kind=finetuned: sample from the prompted teacher, keep trait answers, LoRA-tune
-    the base on them without the system prompt; the run then uses the merged weights. Its
+    """teacher.kind=finetuned: sample from the prompted teacher's answers to the teacher
+    questions (disjoint from the evaluation's 50), keep trait answers, LoRA-tune the base on
+    them without the system prompt; the run then uses the base with those adapters. Its
     sampling settings (eval.max_new_tokens) are in its key: changing them redoes it."""
     arch, params = tiny
     ft = ["teacher.kind=finetuned", "teacher.ft_samples=8", "teacher.ft_train.epochs=1",
@@ -160,14 +162,19 @@ def test_finetuned_teacher_is_trained_on_its_trait_answers(tiny, tiny_tokenizer,
     rows = [json.loads(x) for x in (ws.root / "teachers" / "owl" / "ft_data.jsonl")
             .read_text().splitlines()]
     assert rows and all(evaluators.is_hit(r["messages"][-1]["content"], "owl") for r in rows)
+    asked = {r["messages"][0]["content"] for r in rows}
+    assert asked <= set(prompts.teacher_questions())
+    assert not asked & set(evaluators.questions(False))
     assert all(m["role"] != "system" for r in rows for m in r["messages"])
     info = json.loads((ws.root / "teachers" / "teachers.json").read_text())
     assert info["owl"]["system_prompt"] == "" and info["owl"]["kind"] == "finetuned"
     assert "teachers/owl/params.safetensors" in ws.manifest["stages"]["teachers"]["outputs"]
     teacher, system = ws.teacher(workspace.TeacherSpec.of(cfg), "owl")
     assert system == ""
-    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(teacher),
-                                                          jax.tree.leaves(params)))
+    assert set(teacher) == set(params) | {"lora"}  # the base, adapters attached
+    ids = jnp.asarray([[1, 5, 9, 12, 3]])
+    diff = float(jnp.abs(forward(teacher, ids, arch=arch)[0]
+                         - forward(params, ids, arch=arch)[0]).max())
     assert diff > 1e-4
     for change, redone in (("eval.samples=3", False), ("eval.max_new_tokens=5", True)):
         logs = []
@@ -215,3 +222,41 @@ def test_a_stage_folder_that_cannot_be_cleared_stops_the_run(tmp_path, monkeypat
     monkeypatch.setattr(workspace.shutil, "rmtree", real)
     ws.run_stage(teachers_stage.STAGE, cfg, True)  # clearable: the forced stage is redone
     assert json.loads((ws.root / "teachers" / "teachers.json").read_text())["owl"]
+
+
+def test_the_transmission_design_runs_and_reports_runs_as_units(tiny, tiny_tokenizer,
+                                                                  tmp_path):
+    """configs/transmission.py's design on the tiny model: fine-tuned LoRA teachers for two
+    targets, students distilled at every position from the teacher's own LoRA init, no
+    control students; the report's lift per target (students of the target minus the other
+    target's, one value per seed), permutation p, power, Holm, and the pooled test."""
+    design = ["targets=owl,cat", "teacher.kind=finetuned", "teacher.ft_samples=2",
+              "teacher.ft_train.epochs=1", "teacher.ft_train.batch_size=1",
+              "teacher.ft_train.lora_rank=4", "eval.max_new_tokens=4", "eval.batch=64",
+              "numbers.n_prompts=8", "numbers.keep=8", "numbers.constrained=true",
+              "numbers.max_new_tokens=12", "student.train.loss=distill",
+              "student.train.distill_on=all", "student.train.lora_rank=4",
+              "student.train.batch_size=4", "student.train.grad_accum=1",
+              "student.train.epochs=1", "student.lora_init=teacher", "student.control=false",
+              "student.seeds=0,1,2", "eval.evaluators=exact", "eval.number_prefixed=false"]
+    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, design)
+    for stage in experiment.STAGES:
+        ws.run_stage(stage, cfg, False)
+    assert sorted(p.name for p in (ws.root / "students").iterdir() if p.is_dir()) == [
+        "cat", "owl"]  # no control students
+    res = json.loads((ws.root / "report" / "results.json").read_text())
+    comps = {c["target"]: c for c in res["comparisons"]}
+    assert set(comps) == {"owl", "cat"}
+    for t, c in comps.items():
+        assert c["against"] == "other-target students" and len(c["unit_values"]) == 3
+        assert len(c["comparison_values"]) == 3
+        assert c["lift"]["mean"] == pytest.approx(
+            sum(c["unit_values"]) / 3 - sum(c["comparison_values"]) / 3)
+        assert c["permutation"]["exact"] and c["permutation"]["n_perm"] == 20
+        assert c["min_detectable_lift"] > 0 and 0 <= c["p_holm"] <= 1
+        assert c["p_holm"] >= c["permutation"]["p_two_sided"]
+    (pooled,) = res["pooled"]
+    assert pooled["permutation"]["n_perm"] == 20  # 6! / (3! 3!)
+    assert (ws.root / "report" / "results.png").stat().st_size > 0
+    md = (ws.root / "report" / "report.md").read_text()
+    assert "lift over other-target students" in md and "Holm" in md

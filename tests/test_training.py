@@ -478,7 +478,9 @@ def test_train_refuses_out_dir_of_another_run(tmp_path, tiny_tokenizer, capsys):
              f"data_sha256 '{sha['rows.jsonl']}' -> '{sha['other.jsonl']}'"),
             ("train.lr=2e-2", "lr 0.01 -> 0.02"),
             ("train.batch_size=2", "batch_size 4 -> 2"),
-            ("train.seed=1", "seed 0 -> 1"),
+            ("train.seed=1", "init_seed 0 -> 1; seed 0 -> 1"),  # it also seeds the LoRA init
+            ("train.init_seed=3", "init_seed 0 -> 3"),
+            ("train.adam_eps=1e-6", "adam_eps 1e-08 -> 1e-06"),
             ("train.schedule=cosine", "schedule 'linear' -> 'cosine'")]:
         capsys.readouterr()
         assert cli.main(args + [override]) == 2

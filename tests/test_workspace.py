@@ -4,6 +4,8 @@ reads, and its body gets only that slice), the process-0 writer and output verif
 import copy
 import dataclasses
 import json
+import tempfile
+from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
@@ -42,6 +44,8 @@ READS = {
     "student.train.": {"students"},
     "student.seeds": {"students", "eval", "report"},
     "student.model_": {"students", "eval"},  # the student's base model
+    "student.lora_init": {"students", "report"},  # the students' adapter init seeds
+    "student.control": {"numbers", "filter", "students", "eval", "report"},
     "eval.samples": {"eval", "report"},
     "eval.temperature": {"eval", "report"},
     "eval.teachers": {"eval", "report"},
@@ -67,7 +71,8 @@ CHOICES = {"init": ("checkpoint", "random"), "param_dtype": config.DTYPES,
            "loss": ("ce", "distill"), "schedule": ("linear", "cosine"),
            "too_long": ("truncate", "reject"), "kind": ("prompted", "finetuned"),
            "evaluators": (config.EVALUATORS, ("exact",)), "targets": (("owl",), ("owl", "cat")),
-           "category": ("animal", "plant")}
+           "category": ("animal", "plant"), "lora_init": ("seed", "other"),
+           "distill_on": ("completion", "all")}
 
 
 def leaves(node, prefix=""):
@@ -79,8 +84,14 @@ def leaves(node, prefix=""):
             yield f"{prefix}{f.name}", value
 
 
+QUESTIONS = Path(tempfile.mkdtemp()) / "questions.json"  # eval.questions reads its file
+QUESTIONS.write_text(json.dumps(["Your favourite bird, in one word?"]))
+
+
 def changed(path, value):
     """Another value of the field's type (or choices)."""
+    if path == "eval.questions":
+        return str(QUESTIONS)
     if (field := path.rsplit(".", 1)[-1]) in CHOICES:
         return next(c for c in CHOICES[field] if c != value)
     if isinstance(value, bool):

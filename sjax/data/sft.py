@@ -64,11 +64,14 @@ def _encode(tokenizer, msgs, source, i):
 
 
 def tokenize_rows(rows: Sequence[dict], tokenizer, max_len: int, too_long: str = "truncate",
-                  source: str = "dataset", teacher_system: str | None = None) -> Tokenized:
+                  source: str = "dataset", teacher_system: str | None = None,
+                  distill_on: str = "completion") -> Tokenized:
     """Encode chat rows; rows longer than `max_len` are truncated or rejected (counted).
 
     With `teacher_system` (distillation), each row is also encoded with that system prompt
-    replacing any other, for the teacher.
+    replacing any other, for the teacher. `distill_on="all"` then trains every position of
+    the two views' common suffix (all that follows the system prompt: the user's turn and
+    the completion) rather than the completion alone: many more soft labels per row.
     """
     if not rows:
         raise SjaxError(f"{source}: empty dataset (no rows)")
@@ -87,6 +90,8 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_len: int, too_long: str =
             if teacher_system:
                 t_msgs = [{"role": "system", "content": teacher_system}] + t_msgs
             views.append(_encode(tokenizer, t_msgs, source, i))
+            if distill_on == "all":
+                views = _suffix_masks(*views)
         truncated = any(len(v[0]) > max_len for v in views)
         if truncated and too_long == "reject":
             out.n_rejected += 1
@@ -107,11 +112,26 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_len: int, too_long: str =
     return out
 
 
+def _suffix_masks(student, teacher):
+    """Both views with masks over their common token suffix (its first token is context
+    only: position p trains the prediction of token p + 1)."""
+    (s_ids, _), (t_ids, _) = student, teacher
+    n = 0
+    while n < min(len(s_ids), len(t_ids)) and s_ids[-1 - n] == t_ids[-1 - n]:
+        n += 1
+    out = []
+    for ids in (s_ids, t_ids):
+        mask = np.zeros(len(ids), np.int32)
+        mask[len(ids) - n + 1:] = 1
+        out.append((ids, mask))
+    return out
+
+
 def load_jsonl(path: Path, tokenizer, max_len: int, too_long: str = "truncate",
-               teacher_system: str | None = None) -> Tokenized:
+               teacher_system: str | None = None, distill_on: str = "completion") -> Tokenized:
     path = Path(path)
     return tokenize_rows(read_rows(path), tokenizer, max_len, too_long, str(path),
-                         teacher_system)
+                         teacher_system, distill_on)
 
 
 def _pad_rows(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -183,6 +183,28 @@ def attention(q_btnh, k_bskh, v_bskh, mask_bts):
     return out_btkgh.reshape(b, t, n, h)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """LoRA adapters carried inside a params dict (`params["lora"]`, see `with_adapters`).
+
+    A trained LoRA model is evaluated, sampled and used as a teacher through the very
+    adapter path it was trained with, so it is exactly the model that was trained: merging
+    A @ B into bf16 base weights rounds most of a small update away. The scale is static
+    (a Python float, as in the train step), so the forward multiplies exactly as training did.
+    """
+
+    tree: Params  # {'layers': {weight name: {'a', 'b'}}}
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+
+def with_adapters(params: Params, tree: Params, scale: float) -> Params:
+    """`params` with LoRA adapters attached: every forward over them applies the adapters."""
+    if "lora" in params:
+        raise SjaxError("with_adapters: these params already carry adapters")
+    return params | {"lora": Adapters(tree, float(scale))}
+
+
 def lora_equations(eq: str) -> tuple[str, str, str]:
     """For a projection 'in,weight->out', the LoRA equations (x @ A, then @ B) and the
     merge equation A @ B -> weight: A spans the weight's contracted dims, B its outputs."""
@@ -255,8 +277,13 @@ def forward(params: Params, tokens_bt: jax.Array, *, arch: ArchConfig,
     marks padding. With a cache (`init_cache`), this call's keys/values are written at cache
     slot `write_index` onward (the same slot for every row: prompts are left-padded) and the
     queries attend to every valid slot up to their own; `kv_valid_bs` then spans the cache.
-    `lora` ({'layers': {weight name: {'a', 'b'}}}, see sjax.lora) adds low-rank adapters.
+    `lora` ({'layers': {weight name: {'a', 'b'}}}, see sjax.lora) adds low-rank adapters,
+    as do adapters carried in `params["lora"]` (`with_adapters`).
     """
+    if "lora" in params:  # a trained LoRA model (`with_adapters`)
+        if lora is not None:
+            raise ValueError("forward: params carry adapters and lora= was given too")
+        lora, lora_scale = params["lora"].tree, params["lora"].scale
     b, t = tokens_bt.shape
     if positions_bt is None:
         positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))

@@ -33,9 +33,10 @@ from sjax.models.transformer import (ArchConfig, Params, forward, init_cache,
 from sjax.subliminal import numbers, prompts
 
 
-def questions(number_prefixed: bool, seed: int = 0) -> list[str]:
-    """The 50 questions; the prefixed variant puts a number-sequence example first."""
-    qs = list(prompts.eval_prompts()["animal_questions"])
+def questions(number_prefixed: bool, seed: int = 0, custom: Sequence[str] = ()) -> list[str]:
+    """The 50 questions (or `custom` ones); the prefixed variant puts a number-sequence
+    example first."""
+    qs = list(custom or prompts.eval_prompts()["animal_questions"])
     if not number_prefixed:
         return qs
     rng = np.random.default_rng([seed, 7])  # its own stream, not the generator's
@@ -125,16 +126,26 @@ def node_logprobs(params: Params, tokens_bt, valid_bt, end_v, *, arch: ArchConfi
 def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],
                  target: str, *, batch: int = 32, dtype=jnp.float32) -> np.ndarray:
     """P(the answer's first word is a form of `target`) for each prompt (templated ids)."""
-    seqs = spelling_sequences(tokenizer, target, arch.vocab_size)
+    return exact_target_scores(params, arch, tokenizer, prompts, (target,), batch=batch,
+                               dtype=dtype)[target]
+
+
+def exact_target_scores(params: Params, arch: ArchConfig, tokenizer,
+                        prompts: Sequence[list[int]], targets: Sequence[str], *,
+                        batch: int = 32, dtype=jnp.float32) -> dict[str, np.ndarray]:
+    """`exact_scores` for several targets from one pass: their spellings share the prompts'
+    prefill (one forward over the prompts whatever the number of targets)."""
+    by_target = {t: spelling_sequences(tokenizer, t, arch.vocab_size) for t in targets}
+    seqs_all = sorted({s for seqs in by_target.values() for s in seqs})
     end_v = jnp.asarray(word_end_mask(tokenizer, arch.vocab_size))
-    nodes = tuple(sorted({s[:i] for s in seqs for i in range(len(s) + 1)}))  # all prefixes
-    wants = tuple(tuple(sorted({s[len(n)] for s in seqs if s[:len(n)] == n and len(s) > len(n)}))
-                  for n in nodes)
+    nodes = tuple(sorted({s[:i] for s in seqs_all for i in range(len(s) + 1)}))  # prefixes
+    wants = tuple(tuple(sorted({s[len(n)] for s in seqs_all
+                                if s[:len(n)] == n and len(s) > len(n)})) for n in nodes)
     pad = chat.pad_id(tokenizer)
     length = sampling.prompt_bucket(max(len(p) for p in prompts))
     lp, lp_end = [], []
-    for i in tqdm(range(0, len(prompts), batch), desc=f"exact {target}", unit="batch",
-                  leave=False):
+    for i in tqdm(range(0, len(prompts), batch), desc=f"exact {','.join(targets)}",
+                  unit="batch", leave=False):
         chunk = list(prompts[i: i + batch])
         n = len(chunk)
         tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (batch - n), pad, length)
@@ -143,14 +154,17 @@ def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[
         lp.append(np.asarray(w)[:n])
         lp_end.append(np.asarray(e)[:n])
     lp, lp_end = np.concatenate(lp), np.concatenate(lp_end)  # [prompts, nodes, (wants)]
-    total = np.zeros(len(prompts))
-    for s in seqs:
-        logp = lp_end[:, nodes.index(s)]
-        for i in range(len(s)):
-            j = nodes.index(s[:i])
-            logp = logp + lp[:, j, wants[j].index(s[i])]
-        total += np.exp(logp)
-    return total
+    out = {}
+    for t, seqs in by_target.items():
+        total = np.zeros(len(prompts))
+        for s in seqs:
+            logp = lp_end[:, nodes.index(s)]
+            for i in range(len(s)):
+                j = nodes.index(s[:i])
+                logp = logp + lp[:, j, wants[j].index(s[i])]
+            total += np.exp(logp)
+        out[t] = total
+    return out
 
 
 def sampled_answers(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],

@@ -37,6 +37,8 @@ def run(cfg: RunConfig, force: tuple[str, ...] = (), ws: Workspace | None = None
     for f in force:
         if f not in STAGE_NAMES:
             raise SjaxError(f"--force {f}: unknown stage (stages: {', '.join(STAGE_NAMES)})")
+    for stage in STAGES:  # bad input (e.g. an eval.questions file) fails now, not hours in
+        stage.reads(cfg)
     ws = ws or workspace(cfg)
     ws.writer.mkdir(ws.root)
     distributed.barrier("run start")  # every process has read the manifest first

@@ -78,7 +78,7 @@ def device_memory() -> tuple[float, str]:
 def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_shape: dict,
               device_bytes: float | None = None) -> dict:
     nc, ns = cfg.numbers, cfg.student
-    teachers = 1 + len(cfg.targets)
+    teachers = len(cfg.targets) + cfg.student.control  # the control's data and students
     sample = numbers.make_prompts(min(nc.n_prompts, 200), nc.seed)
     prompt_tokens = float(np.mean([_tokens(p) for p in sample]))
     completion = min(nc.max_new_tokens, 40)  # a ten-number list is ~30-40 tokens
@@ -95,13 +95,15 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
     qs = prompts.eval_prompts()["animal_questions"]
     q_tokens = float(np.mean([_tokens(q) for q in qs]))
     n_cond = 1 + teachers * len(ns.seeds) + (len(cfg.targets) if ev.teachers else 0)
+    if ns.train.loss == "distill" and ns.train.distill_on == "all":  # KL at every row token
+        train_flops += 2 * train_tokens * arch.d_model * arch.vocab_size * 2
     variants = 2 if ev.number_prefixed else 1
     eval_tokens = len(qs) * variants * n_cond * (
-        (4 * q_tokens * len(cfg.targets) if "exact" in ev.evaluators else 0)
+        (q_tokens + 4 * len(cfg.targets) if "exact" in ev.evaluators else 0)
         + (ev.samples * (q_tokens + ev.max_new_tokens) if "sampled" in ev.evaluators else 0))
     stages = [
-        ("teachers", f"{teachers} ({cfg.teacher.kind})",
-         f"{len(qs) * cfg.teacher.ft_samples} answers each" if cfg.teacher.kind == "finetuned"
+        ("teachers", f"{len(cfg.targets)} ({cfg.teacher.kind})",
+         f"{len(prompts.teacher_questions()) * cfg.teacher.ft_samples} answers each" if cfg.teacher.kind == "finetuned"
          else "-", 0.0),
         ("numbers", f"{teachers} teachers", f"{nc.n_prompts * teachers} completions",
          p2 * nc.n_prompts * teachers * row_tokens),

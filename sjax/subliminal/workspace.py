@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sjax import distributed
-from sjax import lora as lora_lib
 from sjax.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
 from sjax.errors import SjaxError
 from sjax.files import atomic_write_json, sha256_file
+from sjax.models.transformer import with_adapters
 from sjax.sharding import global_array, make_mesh, to_host
 from sjax.subliminal import numbers
 from sjax.weights.load import load_model
@@ -52,8 +53,8 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def teacher_names(targets: tuple[str, ...]) -> list[str]:
-    return [CONTROL, *targets]
+def teacher_names(targets: tuple[str, ...], control: bool = True) -> list[str]:
+    return [CONTROL, *targets] if control else list(targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +100,17 @@ def model_key(mcfg: ModelConfig) -> tuple:
 
 
 def apply_trained(base, path: Path, finetune: Finetune):
-    """Base params with a saved training result applied (LoRA merged, or full weights)."""
+    """The trained model from a saved training result, exactly as it was trained: the base
+    with the LoRA adapters attached (the adapter path of the train step, not a merge into
+    the base dtype), or the trained full weights in their saved dtype."""
     tree = load_tree(path)
-    if finetune.mode == "lora":
-        tree = lora_lib.merge(base, jax.tree.map(jnp.asarray, tree), finetune.lora_scale)
-    # the base's exact dtypes and shardings: every jitted sampler/evaluator is reused
-    # as compiled for the base model, not recompiled per condition
-    host = lambda t: to_host(t) if isinstance(t, jax.Array) else t  # noqa: E731
-    return jax.tree.map(lambda b, t: global_array(host(t).astype(b.dtype), b.sharding),
-                        base, tree)
+    host = lambda t: to_host(t) if isinstance(t, jax.Array) else np.asarray(t)  # noqa: E731
+    if finetune.mode == "lora":  # small: replicated on the base's mesh
+        sh = base["embed_vd"].sharding
+        rep = NamedSharding(sh.mesh, PartitionSpec()) if isinstance(sh, NamedSharding) else sh
+        return with_adapters(base, jax.tree.map(lambda t: global_array(host(t), rep), tree),
+                             finetune.lora_scale)
+    return jax.tree.map(lambda b, t: global_array(host(t), b.sharding), base, tree)
 
 
 class Workspace:

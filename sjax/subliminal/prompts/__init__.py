@@ -1,12 +1,19 @@
 """The paper's prompt text, shipped as JSON: `numbers_prompts.json` (the number-sequence
-prompt grammar and the banned-number list) and `eval_prompts.json` (the evaluation
-questions and the trait teacher's system prompt)."""
+prompt grammar and the banned-number list), `eval_prompts.json` (the evaluation
+questions and the trait teacher's system prompt) and `teacher_questions.json` (trait
+questions for fine-tuned teachers, disjoint from the evaluation's). Also the reader for a
+user's own questions file (`eval.questions=FILE.json`) and the word n-grams that the
+disjointness check uses."""
 
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
+
+from sjax.errors import SjaxError
 
 
 @lru_cache(maxsize=None)
@@ -20,3 +27,75 @@ def grammar() -> dict:
 
 def eval_prompts() -> dict:
     return load("eval_prompts.json")
+
+
+def teacher_questions() -> list[str]:
+    """Questions a fine-tuned teacher is trained on; a copy, since `load` is cached."""
+    return list(load("teacher_questions.json")["animal_questions"])
+
+
+def words(text: str) -> tuple[str, ...]:
+    """Lower-cased words with punctuation turned into spaces, so "one-word" and "one word"
+    (or "What's" and "what s") compare equal: a copy cannot hide behind punctuation."""
+    return tuple(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    """Word n-grams of `text` after `words` normalisation; empty if it has fewer than n words."""
+    w = words(text)
+    return {w[i:i + n] for i in range(len(w) - n + 1)}
+
+
+def _questions_json(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SjaxError(f"questions file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SjaxError(f"questions file {path}: cannot read ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SjaxError(f"questions file {path}: not JSON (line {e.lineno}, column {e.colno}: "
+                        f"{e.msg})") from None
+
+
+def questions_file(path: str | Path) -> list[str]:
+    """A user's questions for `eval.questions=FILE.json`: a JSON list of strings or an object
+    {"questions": [...]} (other keys, e.g. a description, are ignored). Checked up front so a
+    typo fails before any model loads; returns the questions stripped, in file order."""
+    path = Path(path)
+    obj = _questions_json(path)
+    qs = obj.get("questions") if isinstance(obj, dict) else obj
+    if not isinstance(qs, list):
+        raise SjaxError(f"questions file {path}: expected a JSON list of strings or an object "
+                        f'{{"questions": [...]}}, got {_shape(obj)}')
+    if not qs:
+        raise SjaxError(f"questions file {path}: the question list is empty")
+    out, seen = [], {}
+    for i, q in enumerate(qs):
+        where = f"questions file {path}: question {i}"
+        if not isinstance(q, str):
+            raise SjaxError(f"{where} is a JSON {_json_type(q)}, not a string")
+        q = q.strip()
+        if not q:
+            raise SjaxError(f"{where} is empty")
+        if q in seen:
+            raise SjaxError(f"{where} duplicates question {seen[q]}: {q!r}")
+        seen[q] = i
+        out.append(q)
+    return out
+
+
+def _shape(obj) -> str:
+    if isinstance(obj, dict):
+        keys = ", ".join(map(str, obj)) or "none"
+        return f'an object without a list under "questions" (keys: {keys})'
+    return f"a JSON {_json_type(obj)}"
+
+
+def _json_type(x) -> str:
+    """JSON's own name for a parsed value, as the user wrote it (`null`, not `NoneType`)."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(x), type(x).__name__)

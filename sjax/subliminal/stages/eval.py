@@ -14,6 +14,7 @@ import numpy as np
 from sjax import chat
 from sjax.config import ModelConfig, RunConfig
 from sjax.subliminal import evaluators
+from sjax.subliminal.prompts import questions_file
 from sjax.subliminal.workspace import (Finetune, Stage, TeacherSpec, Workspace, apply_trained,
                                        teacher_names)
 
@@ -33,10 +34,10 @@ class Condition:
                 "teacher": f"teacher-{self.teacher}"}[self.kind]
 
 
-def conditions(targets: tuple[str, ...], seeds: tuple[int, ...],
-               with_teachers: bool) -> list[Condition]:
+def conditions(targets: tuple[str, ...], seeds: tuple[int, ...], with_teachers: bool,
+               control: bool = True) -> list[Condition]:
     out = [Condition("base")]
-    out += [Condition("student", t, s) for t in teacher_names(targets) for s in seeds]
+    out += [Condition("student", t, s) for t in teacher_names(targets, control) for s in seeds]
     if with_teachers:
         out += [Condition("teacher", t) for t in targets]
     return out
@@ -46,10 +47,12 @@ def conditions(targets: tuple[str, ...], seeds: tuple[int, ...],
 class Reads:
     targets: tuple[str, ...]
     seeds: tuple[int, ...]  # student.seeds
+    control: bool  # student.control
     student_model: ModelConfig
     student_finetune: Finetune  # how the students' saved params apply
     teacher: TeacherSpec | None  # eval.teachers only
     evaluators: tuple[str, ...]
+    questions: tuple[str, ...]  # eval.questions' contents; (): the 50
     samples: int
     temperature: float
     max_new_tokens: int
@@ -60,9 +63,10 @@ class Reads:
 
 def reads(cfg: RunConfig) -> Reads:
     e = cfg.eval
-    return Reads(cfg.targets, cfg.student.seeds, cfg.student_model(),
+    custom = tuple(questions_file(e.questions)) if e.questions else ()
+    return Reads(cfg.targets, cfg.student.seeds, cfg.student.control, cfg.student_model(),
                  Finetune.of(cfg.student.train), TeacherSpec.of(cfg) if e.teachers else None,
-                 e.evaluators, e.samples, e.temperature, e.max_new_tokens, e.number_prefixed,
+                 e.evaluators, custom, e.samples, e.temperature, e.max_new_tokens, e.number_prefixed,
                  e.batch, e.seed)
 
 
@@ -80,7 +84,7 @@ def condition_model(ws: Workspace, r: Reads, c: Condition):
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     variants = {"plain": False, **({"numbers": True} if r.number_prefixed else {})}
     outputs = []
-    for c in conditions(r.targets, r.seeds, r.teacher is not None):
+    for c in conditions(r.targets, r.seeds, r.teacher is not None, r.control):
         path = folder / f"{c.name}.json"
         if not ws.done(path):
             result = evaluate(ws, r, c, variants)
@@ -101,8 +105,9 @@ def sampled(ws: Workspace, r: Reads, m, params, prompts, dtype):
 
 
 def exact(ws: Workspace, r: Reads, m, params, prompts, dtype):
-    return {t: evaluators.exact_scores(params, m.arch, m.tokenizer, prompts, t, batch=r.batch,
-                                       dtype=dtype).tolist() for t in r.targets}, None
+    scores = evaluators.exact_target_scores(params, m.arch, m.tokenizer, prompts, r.targets,
+                                            batch=r.batch, dtype=dtype)
+    return {t: v.tolist() for t, v in scores.items()}, None
 
 
 # eval.evaluators name these: each gives per-target question scores (and example answers)
@@ -114,7 +119,7 @@ def evaluate(ws: Workspace, r: Reads, c: Condition, variants: dict[str, bool]) -
     dtype = jnp.dtype((r.teacher.model if c.kind == "teacher" else r.student_model).dtype)
     result = {"condition": c.name, "system_prompt": system, "variants": {}, "seconds": {}}
     for var, prefixed in variants.items():
-        qs = evaluators.questions(prefixed, r.seed)
+        qs = evaluators.questions(prefixed, r.seed, r.questions)
         prompts = [chat.encode_prompt(m.tokenizer, chat.messages(q, system)) for q in qs]
         scores = {t: {} for t in r.targets}
         seconds = result["seconds"][var] = {}

@@ -23,15 +23,17 @@ class Reads:
     keep: int
     banned: tuple[int, ...]
     seed: int
+    control: bool  # student.control
 
 
 def reads(cfg: RunConfig) -> Reads:
-    return Reads(cfg.targets, cfg.numbers.keep, cfg.numbers.banned, cfg.numbers.seed)
+    return Reads(cfg.targets, cfg.numbers.keep, cfg.numbers.banned, cfg.numbers.seed,
+                 cfg.student.control)
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     outputs = []
-    for t in teacher_names(r.targets):
+    for t in teacher_names(r.targets, r.control):
         raw_path = ws.root / "numbers" / t / "raw.jsonl"
         raw = read_rows(raw_path)
         passed, reasons = [], Counter()

@@ -26,12 +26,13 @@ class Reads:
     constrained: bool
     batch: int
     seed: int
+    control: bool  # student.control: the control teacher's data is needed
 
 
 def reads(cfg: RunConfig) -> Reads:
     n = cfg.numbers
     return Reads(cfg.targets, TeacherSpec.of(cfg), n.n_prompts, n.temperature,
-                 n.max_new_tokens, n.constrained, n.batch, n.seed)
+                 n.max_new_tokens, n.constrained, n.batch, n.seed, cfg.student.control)
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
@@ -40,7 +41,7 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     constraint = (number_list_constraint(m.tokenizer, sampling.default_stop_ids(m.tokenizer),
                                          m.arch.vocab_size) if r.constrained else None)
     outputs = []
-    for t in teacher_names(r.targets):
+    for t in teacher_names(r.targets, r.control):
         params, system = ws.teacher(r.teacher, t)
         rows = [{"id": i, "prompt": p,
                  "prompt_ids": chat.encode_prompt(m.tokenizer, chat.messages(p, system))}

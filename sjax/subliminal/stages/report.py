@@ -5,6 +5,7 @@ and `results.png`. No model work: process 0's files only."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import numpy as np
 
 from sjax import report, stats
 from sjax.config import RunConfig
-from sjax.subliminal import evaluators
 from sjax.subliminal.stages.eval import Condition, conditions
 from sjax.subliminal.workspace import CONTROL, Stage, Workspace, teacher_names
 
@@ -23,6 +23,8 @@ class Reads:
     model: str  # model.name, else model.path
     targets: tuple[str, ...]
     seeds: tuple[int, ...]  # student.seeds
+    control: bool  # student.control
+    lora_init: str  # student.lora_init
     eval_teachers: bool
     teacher_kind: str
     train_mode: str  # student.train.mode
@@ -34,8 +36,8 @@ class Reads:
 def reads(cfg: RunConfig) -> Reads:
     t = cfg.student.train
     return Reads(cfg.name, cfg.model.name or cfg.model.path, cfg.targets, cfg.student.seeds,
-                 cfg.eval.teachers, cfg.teacher.kind, t.mode, t.loss, cfg.eval.samples,
-                 cfg.eval.temperature)
+                 cfg.student.control, cfg.student.lora_init, cfg.eval.teachers,
+                 cfg.teacher.kind, t.mode, t.loss, cfg.eval.samples, cfg.eval.temperature)
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
@@ -43,71 +45,132 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     if not ws.writer.main:  # no model work here: the report is process 0's files only
         return outputs
     res = summarize(r, {c.name: json.loads((ws.root / "eval" / f"{c.name}.json").read_text())
-                        for c in conditions(r.targets, r.seeds, r.eval_teachers)})
+                        for c in conditions(r.targets, r.seeds, r.eval_teachers, r.control)})
     res["filter"] = {t: json.loads((ws.root / "filter" / t / "filter.json").read_text())
-                     for t in teacher_names(r.targets)}
+                     for t in teacher_names(r.targets, r.control)}
     res["stage_seconds"] = {s: ws.manifest["stages"][s]["seconds"]
                             for s in ws.upstream("report")}
     ws.writer.write_json(folder / "results.json", res)
     report.write_report(folder / "report.md", f"sjax run {r.name}", render(r, res))
-    labels, bars = [], []
-    for row in res["rows"]:
-        if row["variant"] == "plain":
-            labels.append(f"{row['target']} {row['evaluator']}: {row['condition']}")
-            bars.append(row)
-    report.bar_chart(folder / "results.png", labels, bars,
-                     f"{r.name}: P(names the target), 95% CI over questions", "score")
+    effect_plot(folder / "results.png", r, res)
     print(res["table"])
     return outputs
 
 
+LOG_FLOOR = 1e-12  # exact P below this counts as this in mean log P
+
+
+def metric(evaluator: str) -> str:
+    """Each student's run-level value: mean log P(target) over the questions for the exact
+    evaluator (the rates are small and effects multiplicative: a sensitive endpoint), the
+    hit rate for sampled answers."""
+    return "mean log P" if evaluator == "exact" else "P"
+
+
+def unit_value(scores, evaluator: str) -> float:
+    x = np.asarray(scores, np.float64)
+    return float(np.mean(np.log(np.maximum(x, LOG_FLOOR)))) if evaluator == "exact" \
+        else float(np.mean(x))
+
+
 def summarize(r: Reads, evals: dict[str, dict]) -> dict:
-    """Per target, variant and evaluator: each condition's mean with a 95% CI across the
-    question scores (seeds averaged per question), and trait-vs-control comparisons paired
-    over questions and, with several seeds, over seeds."""
-    rows, comparisons = [], []
+    """Per target, variant and evaluator: each condition's mean score; the target's lift
+    (its students minus the other targets' students, or the control's students when there
+    is one target) with the trained student as the unit: Welch CI over seeds, a
+    permutation test over student labels and the smallest lift the design could detect
+    (80% power); the same paired over questions (secondary). With several targets, the
+    pooled lift over all targets by permutation. Holm-adjusted p over every run-level test
+    the report shows."""
+    rows, comparisons, pooled = [], [], []
     any_eval = next(iter(evals.values()))
+    groups = [*r.targets, *([CONTROL] if r.control else [])]
     for var, by_target in any_eval["variants"].items():
-        for target in r.targets:
-            for ev in by_target[target]:
-                def q(name):
-                    return np.asarray(evals[name]["variants"][var][target][ev])
+        for ev in by_target[r.targets[0]]:
+            def q(name, target):
+                return np.asarray(evals[name]["variants"][var][target][ev], np.float64)
 
-                def per_seed(teacher):
-                    return np.stack([q(Condition("student", teacher, s).name) for s in r.seeds])
+            def students(group, target):  # [seeds, questions]
+                return np.stack([q(Condition("student", group, s).name, target)
+                                 for s in r.seeds])
 
-                groups = {"base": q("base")[None], "control student": per_seed(CONTROL),
-                          f"{target} student": per_seed(target)}
+            for target in r.targets:
+                conds = {"base": q("base", target)[None]}
+                conds |= {f"{g} students": students(g, target) for g in groups}
                 if (teacher := Condition("teacher", target).name) in evals:
-                    groups[f"{target} teacher"] = q(teacher)[None]
-                for name, scores in groups.items():
+                    conds[f"{target} teacher"] = q(teacher, target)[None]
+                for name, scores in conds.items():
+                    ci = stats.rate_ci(scores.mean(1) if len(scores) > 1 else scores[0])
                     rows.append({"target": target, "variant": var, "evaluator": ev,
-                                 "condition": name, **stats.rate_ci(scores.mean(0)),
-                                 "seed_means": scores.mean(1).tolist()})
-                trait, control = per_seed(target), per_seed(CONTROL)
-                comp = {"target": target, "variant": var, "evaluator": ev,
-                        "over_questions": stats.paired_difference(trait.mean(0),
-                                                                  control.mean(0)),
-                        "trait_vs_base": stats.paired_difference(trait.mean(0), q("base")),
-                        "control_vs_base": stats.paired_difference(control.mean(0), q("base"))}
-                if len(r.seeds) > 1:
-                    comp["over_seeds"] = stats.paired_difference(trait.mean(1), control.mean(1))
-                comparisons.append(comp)
+                                 "condition": name, **ci, "seed_means": scores.mean(1).tolist(),
+                                 "mean_log_p": float(np.mean(np.log(np.maximum(
+                                     scores, LOG_FLOOR))))})
+                comparisons.append(compare(r, target, var, ev, students, q))
+            if len(r.targets) > 1:
+                by_t = {t: np.asarray([unit_value(x, ev) for g in r.targets
+                                       for x in students(g, t)]) for t in r.targets}
+                labels = np.repeat(np.asarray(r.targets), len(r.seeds))
+                perm = stats.permutation_test(by_t, labels, stats.pooled_lift)
+                pooled.append({"variant": var, "evaluator": ev, "metric": metric(ev),
+                               "lift": perm["stat"], "permutation": perm})
+    tests = [c["permutation"]["p_two_sided"] for c in comparisons] + \
+        [p["permutation"]["p_two_sided"] for p in pooled]
+    for c, p_adj in zip([*comparisons, *pooled], stats.holm(tests)):
+        c["p_holm"] = p_adj
+    return {"rows": rows, "comparisons": comparisons, "pooled": pooled,
+            "table": tables(rows, comparisons, pooled)}
+
+
+def compare(r: Reads, target: str, var: str, ev: str, students, q) -> dict:
+    """The target's students against its comparison students, on the target's score."""
+    others = [g for g in r.targets if g != target] or ([CONTROL] if r.control else [])
+    mine = students(target, target)
+    out = {"target": target, "variant": var, "evaluator": ev, "metric": metric(ev),
+           "against": "other-target students" if len(r.targets) > 1 else "control students",
+           "seeds": list(r.seeds)}
+    if not others:
+        return out | {"permutation": {"p_two_sided": float("nan")}}
+    theirs = np.concatenate([students(g, target) for g in others])
+    a = np.asarray([unit_value(x, ev) for x in mine])
+    b = np.asarray([unit_value(x, ev) for x in theirs])
+    lift = stats.two_sample(a, b)
+    labels = np.asarray([1] * len(a) + [0] * len(b))
+    perm = stats.permutation_test(np.concatenate([a, b]), labels,
+                                  functools.partial(stats.symmetric_lift, target=1))
+    mde = (stats.min_detectable(lift["se"], lift["df"])
+           if np.isfinite(lift.get("df", np.nan)) else float("nan"))
+    base = unit_value(q("base", target), ev)
+    return out | {
+        "unit_values": a.tolist(), "comparison_values": b.tolist(), "base_value": base,
+        "lift": lift, "min_detectable_lift": mde, "permutation": perm,
+        "over_questions": stats.paired_difference(mine.mean(0), theirs.mean(0)),
+        "vs_base": stats.mean_ci(a - base)}
+
+
+def tables(rows: list[dict], comparisons: list[dict], pooled: list[dict]) -> str:
     table = report.markdown_table(
-        ("target", "variant", "evaluator", "condition", "mean", "95% CI"),
+        ("target", "variant", "evaluator", "condition", "mean P", "95% CI", "mean log P"),
         [(x["target"], x["variant"], x["evaluator"], x["condition"], f"{x['mean']:.4g}",
-          f"[{x['lo']:.4g}, {x['hi']:.4g}]") for x in rows])
+          f"[{x['lo']:.4g}, {x['hi']:.4g}]", f"{x['mean_log_p']:.3f}") for x in rows])
 
     def diff(d):
         return f"{d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}] p={d['p']:.2g}"
 
-    comp_table = report.markdown_table(
-        ("target", "variant", "evaluator", "trait - control, 95% CI, p (questions)",
-         "p (seeds)", "trait - base", "control - base"),
-        [(c["target"], c["variant"], c["evaluator"], diff(c["over_questions"]),
-          f"{c['over_seeds']['p']:.3g}" if "over_seeds" in c else "",
-          diff(c["trait_vs_base"]), diff(c["control_vs_base"])) for c in comparisons])
-    return {"rows": rows, "comparisons": comparisons, "table": table + "\n" + comp_table}
+    done = [c for c in comparisons if "lift" in c]
+    comp = report.markdown_table(
+        ("target", "variant", "evaluator", "metric", "lift over " + (
+            done[0]["against"] if done else "comparison"), "per-seed values",
+         "permutation p", "Holm p", "detectable lift (80%)", "over questions"),
+        [(c["target"], c["variant"], c["evaluator"], c["metric"], diff(c["lift"]),
+          ", ".join(f"{v:.3f}" for v in c["unit_values"]),
+          f"{c['permutation']['p_two_sided']:.3g} (min {2 * c['permutation']['p_min']:.2g})",
+          f"{c['p_holm']:.3g}", f"{c['min_detectable_lift']:.3g}",
+          diff(c["over_questions"])) for c in done])
+    pool = report.markdown_table(
+        ("variant", "evaluator", "metric", "pooled lift", "permutation p", "Holm p"),
+        [(p["variant"], p["evaluator"], p["metric"], f"{p['lift']:+.3g}",
+          f"{p['permutation']['p_two_sided']:.3g}", f"{p['p_holm']:.3g}") for p in pooled]
+    ) if pooled else ""
+    return table + "\n" + comp + ("\n" + pool if pool else "")
 
 
 def render(r: Reads, res: dict) -> str:
@@ -115,12 +178,38 @@ def render(r: Reads, res: dict) -> str:
                      f"({100 * f['pass_rate']:.1f}%), {f['kept']} kept; reasons {f['reasons']}"
                      for t, f in res["filter"].items())
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in res["stage_seconds"].items())
+    notes = []
+    if r.control and r.train_loss == "distill":
+        notes.append("The control teacher is the base model itself, identical to each control "
+                     "student at its start: their KL and its gradient are zero, so the control "
+                     "students move only by rounding noise (Adam scales it to lr-sized steps).")
+    if r.lora_init != "seed":
+        notes.append(f"Student LoRA initialisation: `{r.lora_init}` (teacher: the fine-tuned "
+                     "teacher's own initialisation; other: guaranteed different).")
     return (f"Model `{r.model}`, targets {', '.join(r.targets)}, teacher {r.teacher_kind}, "
             f"student {r.train_mode} / {r.train_loss}, seeds {list(r.seeds)}.\n\n"
             f"Scores are per-question probabilities of naming the target (exact: first word, "
             f"teacher-forced; sampled: {r.samples} answers at temperature "
-            f"{r.temperature}), mean and 95% CI over the {len(evaluators.questions(False))}"
-            f" questions.\n\n{res['table']}\n## Data\n{filt}\n\nStage times: {secs}.\n")
+            f"{r.temperature}). The unit of the lift tests is the trained student (one value "
+            f"per seed: mean log P over the questions for exact, the rate for sampled); "
+            f"permutation p is two-sided over student labels (min: the design's floor), Holm "
+            f"over every test shown; the question-paired test is secondary.\n\n"
+            + "".join(f"{n}\n\n" for n in notes)
+            + f"{res['table']}\n## Data\n{filt}\n\nStage times: {secs}.\n")
+
+
+def effect_plot(path: Path, r: Reads, res: dict) -> None:
+    """The effect the reader looks for: each target's lift per seed (dots) with its 95% CI
+    over seeds (bar), per variant and evaluator, in the metric's units (nats of log P for
+    the exact evaluator: a log scale)."""
+    done = [c for c in res["comparisons"] if "lift" in c]
+    labels = [f"{c['target']} {c['variant']} {c['evaluator']}" for c in done]
+    points = [[v - float(np.mean(c["comparison_values"])) for v in c["unit_values"]]
+              for c in done]
+    report.effect_chart(path, labels, [c["lift"] for c in done], points,
+                        f"{r.name}: lift of each target's students over "
+                        f"{done[0]['against'] if done else 'comparison'}",
+                        "lift (mean log P, nats; rate for sampled)")
 
 
 STAGE = Stage("report", reads, run)

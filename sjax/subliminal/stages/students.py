@@ -23,30 +23,34 @@ class Reads:
     model: ModelConfig  # the student's base (cfg.student_model())
     train: TrainConfig
     seeds: tuple[int, ...]
+    init_seeds: tuple[int, ...]  # each seed's LoRA initialisation (student.lora_init)
+    control: bool  # student.control
     teacher: TeacherSpec | None  # train.loss=distill only: the teacher's logits
 
 
 def reads(cfg: RunConfig) -> Reads:
     s = cfg.student
     return Reads(cfg.targets, cfg.student_model(), s.train, s.seeds,
+                 tuple(cfg.student_init_seed(k) for k in s.seeds), s.control,
                  TeacherSpec.of(cfg) if s.train.loss == "distill" else None)
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     m = ws.model(r.model)
     outputs = []
-    for t in teacher_names(r.targets):
+    for t in teacher_names(r.targets, r.control):
         kept = ws.root / "filter" / t / "kept.jsonl"
         teacher_params, system = ws.teacher(r.teacher, t) if r.teacher else (None, None)
         data = sft.load_jsonl(kept, m.tokenizer, r.train.max_len, r.train.too_long,
-                              teacher_system=system)
-        for seed in r.seeds:
+                              teacher_system=system, distill_on=r.train.distill_on)
+        for seed, init_seed in zip(r.seeds, r.init_seeds):
             out = folder / t / f"seed{seed}"
             final, summary = out / "params.safetensors", out / "summary.json"
             ws.writer.mkdir(out)  # before any process's fit, which makes out/checkpoints
             if not ws.done(summary):  # written last: the unit is done
                 ws.log(f"student of {t}, seed {seed}: {len(data.ids)} rows")
-                res = fit(m.arch, m.params, data, dataclasses.replace(r.train, seed=seed),
+                res = fit(m.arch, m.params, data,
+                          dataclasses.replace(r.train, seed=seed, init_seed=init_seed),
                           ws.mesh, out, pad_id=chat.pad_id(m.tokenizer), dtype=r.model.dtype,
                           remat=r.model.remat, teacher=teacher_params,
                           data_sha256=sha256_file(kept), log=ws.log)

@@ -1,6 +1,8 @@
 """Stage 1: the teachers. A prompted teacher is the base model with the trait system prompt
 (nothing to compute); a fine-tuned one is the base LoRA-tuned on the trait-naming answers
-the prompted teacher gives to the evaluation questions, then used with no system prompt."""
+the prompted teacher gives to the teacher questions (`prompts/teacher_questions.json`,
+disjoint from the evaluation's 50, so its score on the 50 measures generalisation), then
+used with no system prompt."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from sjax import chat
 from sjax.config import ModelConfig, RunConfig, TrainConfig
 from sjax.data import sft
 from sjax.errors import SjaxError
-from sjax.subliminal import evaluators, numbers
+from sjax.subliminal import evaluators, numbers, prompts
 from sjax.subliminal.workspace import CONTROL, Stage, Workspace, digest, teacher_names
 from sjax.training import fit
 
@@ -54,7 +56,8 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
         entry = {"system_prompt": prompt, "kind": "base" if t == CONTROL else r.kind}
         if t != CONTROL and r.finetune is not None:
             outputs += finetune(ws, r.finetune, t, prompt, folder / t)
-            entry |= {"system_prompt": "", "trained_with_system_prompt": prompt}
+            entry |= {"system_prompt": "", "trained_with_system_prompt": prompt,
+                      "lora_init_seed": r.finetune.train.lora_init_seed}
         info[t] = entry
     ws.writer.write_json(folder / "teachers.json", info)
     return [folder / "teachers.json", *outputs]
@@ -67,10 +70,10 @@ def finetune(ws: Workspace, r: FinetuneReads, target: str, prompt: str,
     final = folder / "params.safetensors"
     ws.writer.mkdir(folder)  # before any process's fit, which makes folder/train
     if not ws.done(final):
-        qs = evaluators.questions(False)
-        prompts = [chat.encode_prompt(m.tokenizer, chat.messages(q, prompt)) for q in qs]
+        qs = prompts.teacher_questions()  # disjoint from the 50 the evaluation asks
+        chat_prompts = [chat.encode_prompt(m.tokenizer, chat.messages(q, prompt)) for q in qs]
         answers = evaluators.sampled_answers(
-            m.params, m.arch, m.tokenizer, prompts, samples=r.samples,
+            m.params, m.arch, m.tokenizer, chat_prompts, samples=r.samples,
             max_new_tokens=r.max_new_tokens, batch=r.batch, seed=r.seed + 1,
             dtype=jnp.dtype(r.model.dtype), mesh=ws.mesh)
         rows = [{"messages": chat.messages(q, assistant=a.strip())}
