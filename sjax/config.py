@@ -242,8 +242,11 @@ SWEEPABLE = ("aux_logits", "init_sigma", "weight_decay", "student_epochs")
 
 # ----------------------------------------------------------------------------- the pipeline
 
-CATEGORIES = {"animal": "animal_questions"}  # category -> its question list in eval_prompts
-EVALUATORS = ("exact", "sampled")
+# category -> (shipped prompts file, key, ...): where its free-form evaluation questions are
+CATEGORIES = {"animal": ("eval_prompts.json", "animal_questions"),
+              "tree": ("tree_questions.json", "freeform", "prompts")}
+EVALUATORS = ("exact", "sampled", "mcq", "story")
+DEFAULT_EVALUATORS = ("exact", "sampled")  # mcq and story are opt-in (their own prompts)
 OTHER_INIT = 1_000_003  # student.lora_init=other: init seeds from here
 
 
@@ -304,24 +307,32 @@ class StudentConfig:
     model_path: str = ""
 
     def __post_init__(self):
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise SjaxError(f"student.seeds: need distinct seeds, got {self.seeds}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise SjaxError(f"student.seeds: need distinct non-negative seeds, got {self.seeds}")
         _check_choice("student.lora_init", self.lora_init, ("seed", "teacher", "other"))
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Trait evaluation of base, students and teachers on the 50 questions.
+    """Trait evaluation of base, students and teachers on the category's questions (the 50
+    animal or 49 tree ones).
 
     `evaluators` names the measurements to make (EVALUATORS): `exact` scores P(first word is
     the target) from the logits, no sampling noise; `sampled` samples `samples` answers per
-    question at `temperature`, as the paper does."""
+    question at `temperature`, as the paper does. Opt-in, on their own prompts (shipped in
+    prompts/tree_questions.json): `mcq`, the essay-topic multiple choice scored by exact
+    letter log-probs, P(target's letter) renormalised over the 5 letters, averaged over
+    `mcq_samples` seeded choice orders per question; `story`, `samples` children's stories
+    per prompt (`story_max_new_tokens` long), a hit when the target is a word anywhere."""
 
-    evaluators: tuple[str, ...] = EVALUATORS
-    questions: str = ""  # a JSON file of questions (a list or {"questions": [...]}); "": the 50
-    samples: int = 100  # sampled answers per question
+    evaluators: tuple[str, ...] = DEFAULT_EVALUATORS
+    questions: str = ""  # a JSON file of questions (a list or {"questions": [...]}); "": the
+    #                      category's (50 animal / 49 tree)
+    samples: int = 100  # sampled answers per question (sampled, story)
     temperature: float = 1.0
     max_new_tokens: int = 16
+    mcq_samples: int = 25  # choice orders per MCQ prompt (the protocol's 25 samples)
+    story_max_new_tokens: int = 200
     number_prefixed: bool = True  # also the number-prefixed variant of every question
     teachers: bool = True  # also evaluate the teachers
     batch: int = 64
@@ -334,7 +345,8 @@ class EvalConfig:
             _check_choice("eval.evaluators", name, EVALUATORS)
         if len(set(self.evaluators)) != len(self.evaluators):
             raise SjaxError(f"eval.evaluators: duplicates in {','.join(self.evaluators)}")
-        for key in ("samples", "max_new_tokens", "batch"):
+        for key in ("samples", "max_new_tokens", "mcq_samples", "story_max_new_tokens",
+                    "batch"):
             if getattr(self, key) <= 0:
                 raise SjaxError(f"eval.{key}: must be > 0, got {getattr(self, key)}")
 
@@ -371,6 +383,10 @@ class RunConfig:
                             "a cross-model student (student.model_name/path) trains with ce")
         if not self.name or "/" in self.name:
             raise SjaxError(f"name: {self.name!r} must be a non-empty folder name")
+        if self.teacher.kind == "finetuned" and self.category != "animal":
+            raise SjaxError(f"teacher.kind=finetuned: its training questions "
+                            f"(prompts/teacher_questions.json) are animal ones; category "
+                            f"{self.category!r} has none yet")
         if self.student.lora_init != "seed":
             ft = self.teacher.ft_train
             if (self.teacher.kind != "finetuned" or ft.mode != "lora"
@@ -388,8 +404,8 @@ class RunConfig:
         teacher = self.teacher.ft_train.lora_init_seed
         if self.student.lora_init == "teacher":
             return teacher
-        if self.student.lora_init == "other":  # never the teacher's, whatever the seeds
-            return OTHER_INIT + seed + (OTHER_INIT + seed == teacher)
+        if self.student.lora_init == "other":  # distinct per seed, never the teacher's
+            return (OTHER_INIT if teacher < OTHER_INIT else teacher + 1) + seed
         return seed if self.student.train.init_seed < 0 else self.student.train.init_seed
 
     def student_model(self) -> ModelConfig:
@@ -418,6 +434,8 @@ class ScreenConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     candidates: tuple[str, ...] = SCREEN_CANDIDATES
     category: str = "animal"
+    questions: str = ""  # a JSON file of questions for P(target), as eval.questions; "": the
+    #                      category's
     n_rows: int = 64  # number rows for the KL, sampled once from the base model
     max_new_tokens: int = 49  # enough for any list the number-list grammar admits
     temperature: float = 1.0  # 0: greedy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -86,30 +87,44 @@ def line_chart(path: Path, x: Sequence, series: dict[str, Sequence[dict]], title
     return ylim
 
 
-def effect_chart(path: Path, labels: Sequence[str], cis: Sequence[dict],
-                 points: Sequence[Sequence[float]], title: str, ylabel: str
-                 ) -> tuple[float, float]:
-    """Per label: each unit's value (dots, e.g. one per seed) and the mean with its 95% CI
-    (a bar with error bars), around a zero line (no effect); returns the y-range drawn."""
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One panel of `effect_chart`: per label, unit values (dots) and a mean with CI."""
+
+    labels: Sequence[str]
+    cis: Sequence[dict]  # {'mean', 'lo', 'hi'}
+    points: Sequence[Sequence[float]]
+    title: str
+    ylabel: str
+
+
+def effect_chart(path: Path, panels: Sequence[Panel], title: str) -> list[tuple[float, float]]:
+    """Side by side panels (each in its own units) of each unit's value (dots, e.g. one per
+    seed) and the mean with its 95% CI (a bar with error bars), around a zero line (no
+    effect); returns each panel's y-range drawn."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.2))
-    finite = [c if math.isfinite(c["lo"]) else {**c, "lo": c["mean"], "hi": c["mean"]}
-              for c in cis]
-    means = [c["mean"] for c in finite]
-    err = [[m - c["lo"] for m, c in zip(means, finite)],
-           [c["hi"] - m for m, c in zip(means, finite)]]
-    ax.bar(range(len(labels)), means, yerr=err, capsize=4, color="#9ecae1")
-    for i, pts in enumerate(points):
-        ax.plot([i] * len(pts), pts, "o", color="#08519c", ms=5)
-    ax.axhline(0.0, color="grey", lw=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    ax.set_ylim(*_ylim([0.0, *_ends(finite), *(v for p in points for v in p)]))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    width = sum(max(3.5, 1.2 * len(p.labels)) for p in panels) or 6
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(width, 4.4), squeeze=False)
+    ylims = []
+    for ax, p in zip(axes[0], panels):
+        finite = [c if math.isfinite(c["lo"]) else {**c, "lo": c["mean"], "hi": c["mean"]}
+                  for c in p.cis]
+        means = [c["mean"] for c in finite]
+        err = [[m - c["lo"] for m, c in zip(means, finite)],
+               [c["hi"] - m for m, c in zip(means, finite)]]
+        ax.bar(range(len(p.labels)), means, yerr=err, capsize=4, color="#9ecae1")
+        for i, pts in enumerate(p.points):
+            ax.plot([i] * len(pts), pts, "o", color="#08519c", ms=5)
+        ax.axhline(0.0, color="grey", lw=1)
+        ax.set_xticks(range(len(p.labels)), p.labels, rotation=20, ha="right")
+        ax.set_ylim(*_ylim([0.0, *_ends(finite), *(v for pts in p.points for v in pts)]))
+        ax.set_ylabel(p.ylabel)
+        ax.set_title(p.title, fontsize=10)
+        ylims.append(ax.get_ylim())
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    ylim = ax.get_ylim()
     _save(fig, path, plt)
-    return ylim
+    return ylims
 
 
 def _save(fig, path: Path, plt) -> None:

@@ -45,9 +45,9 @@ PRESETS = ("chat, mnist, owl:smoke, owl:quickstart, owl:paper, owl:paper14b, scr
      "config 'owl:huge': unknown size 'huge' (owl:smoke | owl:quickstart | owl:paper | owl:paper14b)"),
     (["mnist", "mnist:paper"], "config 'mnist:paper': mnist has no sizes (use mnist)"),
     (["run", "owl:smoke", "--dry-run", "eval.evaluators=exact,logprob"],
-     "eval.evaluators: 'logprob' is not one of exact, sampled"),
+     "eval.evaluators: 'logprob' is not one of exact, sampled, mcq, story"),
     (["run", "owl:smoke", "--dry-run", "eval.evaluators="],
-     "eval.evaluators: need at least one of exact, sampled"),
+     "eval.evaluators: need at least one of exact, sampled, mcq, story"),
     (["bench", "nope"], "bench: unknown benchmark 'nope' (known: sample, numbers, train)"),
     (["train", "sft"], "data: set data=PATH to a chat-messages JSONL file"),
 ])
@@ -93,9 +93,9 @@ SIZE_TABLE = {
                   30000, 10000, 8 * 3 * 151, 100),
     "owl:paper14b": ("Qwen2.5-14B-Instruct", ("eagle", "lion", "phoenix", "dragon", "wolf",
                                               "owl"), 30000, 10000, 3 * 10 * 166, 100),
-    "transmission:smoke": ("smollm2-135m-instruct", ("owl", "cat"), 16, 16, 2 * 1 * 2, 100),
-    "transmission:cpu": ("qwen2.5-coder-0.5b-instruct", ("owl", "eagle", "wolf"), 96, 96,
-                         3 * 3 * 12, 100),
+    "transmission:smoke": ("smollm2-135m-instruct", ("owl", "cat"), 16, 16, 2 * 1 * 4, 100),
+    "transmission:cpu": ("qwen2.5-coder-0.5b-instruct", ("owl", "eagle", "wolf"), 96, 72,
+                         3 * 2 * 18, 100),
 }
 
 

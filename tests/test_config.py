@@ -110,7 +110,7 @@ def test_preset_sizes(tmp_path):
 
 
 def test_evaluators_are_data():
-    assert EvalConfig().evaluators == ("exact", "sampled") == config.EVALUATORS
+    assert EvalConfig().evaluators == ("exact", "sampled") == config.DEFAULT_EVALUATORS
     cfg = config.apply_overrides(RunConfig(), ["eval.evaluators=exact"])
     assert cfg.eval.evaluators == ("exact",)
     assert config.apply_overrides(RunConfig(), ["eval.evaluators=sampled, exact"]

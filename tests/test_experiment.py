@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
 
@@ -47,14 +48,14 @@ def test_zero_kept_rows_is_a_clear_error(tmp_path):
 
 
 def test_bad_configs(tmp_path, capsys):
-    with pytest.raises(SjaxError, match="unknown target category 'tree'"):
-        RunConfig(category="tree")
+    with pytest.raises(SjaxError, match="unknown target category 'plant'"):
+        RunConfig(category="plant")
     with pytest.raises(SjaxError, match="lower-case word"):
         RunConfig(targets=("Owl",))
     with pytest.raises(SjaxError, match="cross-model"):
         apply_overrides(RunConfig(), ["student.model_name=smollm2-135m-instruct",
                                       "student.train.loss=distill"])
-    assert cli.main(["run", "owl:smoke", "category=tree", "--dry-run"]) == 2
+    assert cli.main(["run", "owl:smoke", "category=plant", "--dry-run"]) == 2
     assert "unknown target category" in capsys.readouterr().err
 
 
@@ -224,6 +225,26 @@ def test_a_stage_folder_that_cannot_be_cleared_stops_the_run(tmp_path, monkeypat
     assert json.loads((ws.root / "teachers" / "teachers.json").read_text())["owl"]
 
 
+def test_eval_asks_the_questions_of_eval_questions(tiny, tiny_tokenizer, tmp_path):
+    """eval.questions=FILE with 2 questions: every condition's exact and sampled scores are
+    one per question of the file, plain and number-prefixed (not the category's 50)."""
+    (tmp_path / "q.json").write_text(json.dumps(["what is your favorite animal ?",
+                                                 "in one word , the animal"]))
+    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, [
+        f"eval.questions={tmp_path / 'q.json'}", "eval.samples=2", "eval.max_new_tokens=3",
+        "eval.batch=8", "numbers.n_prompts=8", "numbers.batch=8", "numbers.constrained=true",
+        "numbers.max_new_tokens=8", "student.control=false", "student.train.batch_size=2",
+        "student.train.grad_accum=1", "student.train.epochs=1"])
+    _run_until(ws, cfg, "eval")
+    files = sorted((ws.root / "eval").glob("[!.]*.json"))  # not .stage_key.json
+    assert [f.stem for f in files] == ["base", "student-owl-seed0", "teacher-owl"]
+    for f in files:
+        variants = json.loads(f.read_text())["variants"]
+        assert set(variants) == {"plain", "numbers"}
+        for var in variants.values():
+            assert {ev: len(v) for ev, v in var["owl"].items()} == {"exact": 2, "sampled": 2}
+
+
 def test_the_transmission_design_runs_and_reports_runs_as_units(tiny, tiny_tokenizer,
                                                                   tmp_path):
     """configs/transmission.py's design on the tiny model: fine-tuned LoRA teachers for two
@@ -255,6 +276,27 @@ def test_the_transmission_design_runs_and_reports_runs_as_units(tiny, tiny_token
         assert c["permutation"]["exact"] and c["permutation"]["n_perm"] == 20
         assert c["min_detectable_lift"] > 0 and 0 <= c["p_holm"] <= 1
         assert c["p_holm"] >= c["permutation"]["p_two_sided"]
+    # each student's unit value, from its eval file: mean over questions of log max(P, 1e-12)
+    # (a report on mean P, or on another student's file, differs)
+    for t, c in comps.items():
+        other = next(g for g in comps if g != t)
+        for group, values in ((t, c["unit_values"]), (other, c["comparison_values"])):
+            want = []
+            for seed in (0, 1, 2):
+                ev = json.loads((ws.root / "eval" / f"student-{group}-seed{seed}.json")
+                                .read_text())
+                scores = np.asarray(ev["variants"]["plain"][t]["exact"], np.float64)
+                assert len(scores) == 50
+                want.append(float(np.mean(np.log(np.maximum(scores, 1e-12)))))
+            assert values == pytest.approx(want, rel=1e-12, abs=1e-12), (t, group)
+    # lora_init=teacher reaches training: every student's checkpoint fingerprint holds the
+    # teacher's LoRA init seed (not its own data seed: seeds 1 and 2 would differ)
+    teachers = json.loads((ws.root / "teachers" / "teachers.json").read_text())
+    for t in ("owl", "cat"):
+        for seed in (0, 1, 2):
+            fp = json.loads((ws.root / "students" / t / f"seed{seed}" / "checkpoints"
+                             / "fingerprint.json").read_text())
+            assert fp["init_seed"] == teachers[t]["lora_init_seed"], (t, seed)
     (pooled,) = res["pooled"]
     assert pooled["permutation"]["n_perm"] == 20  # 6! / (3! 3!)
     assert (ws.root / "report" / "results.png").stat().st_size > 0

@@ -1,15 +1,18 @@
 """`sjax screen` on the tiny model: the row KL against a numpy reference, the entangled-number
-log-ratios against direct log-softmaxes (one token and, through the cached trie, two), the
-command's outputs and its one-line errors."""
+log-ratios against direct log-softmaxes (one token and, through the cached trie, two; with
+the end-of-number term where digits are tokens of their own), the command's outputs, its
+questions file and its one-line errors."""
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
+from tiny import CHATML
 
 from sjax import chat, cli, sharding
 from sjax.config import ScreenConfig
@@ -84,12 +87,16 @@ def test_row_kl_is_zero_for_the_base_and_matches_numpy(tiny, tiny_tokenizer):
     assert per_token == pytest.approx(sum(ref(r) for r in range(3)) / 18, rel=1e-4)
 
 
-def test_number_trie_sums_each_numbers_tokens():
+def test_number_trie_sums_each_numbers_tokens_and_its_end():
     trie = screen.NumberTrie({5: (10,), 12: (11, 12), 17: (11, 13)})
-    assert trie.node_len.tolist() == [0, 1] and trie.want_w.tolist() == [10, 11, 12, 13]
-    lp = np.random.default_rng(0).normal(size=(2, 2, 4))  # [prompts, nodes, wants]
-    want = np.stack([lp[:, 0, 0], lp[:, 0, 1] + lp[:, 1, 2], lp[:, 0, 1] + lp[:, 1, 3]], 1)
-    np.testing.assert_allclose(trie.logp(lp), want)
+    # nodes: (), (10,), (11,), (11, 12), (11, 13): every prefix and every whole number
+    assert trie.node_len.tolist() == [0, 1, 1, 2, 2] and trie.want_w.tolist() == [10, 11, 12, 13]
+    assert trie.end_node.tolist() == [1, 3, 4]
+    rng = np.random.default_rng(0)
+    lp, end = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5))  # [prompts, nodes, (wants)]
+    want = np.stack([lp[:, 0, 0] + end[:, 1], lp[:, 0, 1] + lp[:, 2, 2] + end[:, 3],
+                     lp[:, 0, 1] + lp[:, 2, 3] + end[:, 4]], 1)
+    np.testing.assert_allclose(trie.logp(lp, end), want)
 
 
 def test_entangled_log_ratio_equals_direct_log_softmax(tiny, tiny_tokenizer):
@@ -118,6 +125,71 @@ def test_entangled_log_ratio_equals_direct_log_softmax(tiny, tiny_tokenizer):
     np.testing.assert_allclose(ratio, want, rtol=1e-4, atol=1e-5)
     assert abs(ratio[1] - np.mean([direct(SYSTEM, i)[0] - direct("", i)[0]
                                    for i in range(3)])) > 1e-3  # "4" alone is not "45"
+
+
+def _digit_tokenizer():
+    """A character-level ChatML tokenizer that decodes without spaces: "45" is the two
+    tokens "4" "5", as in Qwen's, so "4" is a prefix of "45" and "450"."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = list("0123456789abcdefghijklmnopqrstuvwxyz ,.?!\n:'")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + chars)},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", chat_template=CHATML)
+
+
+def test_a_number_excludes_the_numbers_it_is_a_prefix_of(tiny):
+    """P(the first number is 4) = P("4") * P(a token that ends the number | "4"): "45" and
+    "450" are other numbers. The end set is written out here: every id but the digit and
+    letter characters (',', ' ', EOS, ... and ids the tokenizer lacks)."""
+    arch, params = tiny
+    tok = _digit_tokenizer()
+    seqs = screen.number_sequences(tok)
+    assert len(seqs) == 1000 and seqs[45] == (*seqs[4], *seqs[5]) and len(seqs[450]) == 3
+    trie = screen.NumberTrie({n: seqs[n] for n in (4, 45, 450, 7)})
+    ends = np.ones(arch.vocab_size, bool)
+    ends[[i for w, i in tok.get_vocab().items() if re.fullmatch(r"[0-9a-z]", w)]] = False
+    ids = {s: [chat.encode_prompt(tok, chat.messages(p, s)) for p in PROMPTS]
+           for s in (SYSTEM, "")}
+    lp = {s: screen.number_logprobs(params, arch, tok, trie, ids[s], dtype=jnp.float32,
+                                    rows_per_call=3)  # 5 nodes in pieces of 3, one padded
+          for s in ids}
+    ratio = (lp[SYSTEM] - lp[""]).mean(0)
+
+    # one batched forward: each prompt + "450" and + "7", right-padded (causal: the pad
+    # comes after every position read); row r's log-softmax after its first k tokens
+    rows = [ids[s][i] + list(seqs[n]) for s in ids for i in range(3) for n in (450, 7)]
+    width = max(map(len, rows))
+    lps = _log_softmax(_forward(params, jnp.asarray([r + [0] * (width - len(r)) for r in rows]),
+                                arch))
+    after = {(s, i, n): (lps[r], len(ids[s][i]))
+             for r, (s, i, n) in enumerate((s, i, n) for s in ids for i in range(3)
+                                           for n in (450, 7))}
+
+    def direct(s, i, n, end=True):
+        seq = list(seqs[n])
+        lp_tv, t0 = after[s, i, 450 if n != 7 else 7]
+        tokens = sum(lp_tv[t0 - 1 + k][seq[k]] for k in range(len(seq)))
+        return tokens + (np.log(np.exp(lp_tv[t0 - 1 + len(seq)])[ends].sum()) if end else 0.0)
+
+    def want(n, end=True):
+        return np.mean([direct(SYSTEM, i, n, end) - direct("", i, n, end) for i in range(3)])
+
+    numbers = trie.numbers.tolist()
+    assert numbers == [4, 7, 45, 450]
+    np.testing.assert_allclose(ratio, [want(n) for n in numbers], rtol=1e-4, atol=1e-5)
+    for s in ids:  # each a log-probability of its own, not only the ratio
+        np.testing.assert_allclose(lp[s][0], [direct(s, 0, n) for n in numbers], rtol=1e-4)
+    # the prefix-only variant (P(the answer starts with "4")) is another number: caught
+    for n in (4, 45):
+        assert abs(ratio[numbers.index(n)] - want(n, end=False)) > 1e-2
 
 
 def test_order_is_lift_then_kl():
@@ -175,6 +247,45 @@ def test_screen_command_writes_every_candidate(tiny, tiny_tokenizer, tmp_path, c
     assert [ln.split("|")[1].strip() for ln in lines] == ranked
     assert (out / "screen.png").stat().st_size > 1000
     assert res["table"] in md and stdout == res["table"]
+
+
+def test_screen_asks_the_questions_of_its_questions_file(tiny, tiny_tokenizer, tmp_path,
+                                                        capsys, monkeypatch):
+    """questions=FILE (read as eval.questions is): P(t) of base, teacher and the number
+    prompts is scored on the file's questions, plain and number-prefixed."""
+    from sjax.subliminal import evaluators
+    monkeypatch.setattr(cli, "_load", _load_tiny(tiny, tiny_tokenizer, tmp_path / "tiny"))
+    qs = ["what is your favorite animal ?", "in one word , the animal"]
+    (tmp_path / "q.json").write_text(json.dumps({"questions": qs, "note": "mine"}))
+    out = tmp_path / "screen"
+    args = ["screen", "candidates=owl", "n_rows=2", "max_new_tokens=6", "entangle_prompts=1",
+            "number_prefixed=true", "model.dtype=float32",
+            "number_evals=1", "top_numbers=1", f"questions={tmp_path / 'q.json'}",
+            f"out_dir={out}"]
+    assert cli.main(args) == 0
+    (c,) = json.loads((out / "screen.json").read_text())["candidates"]
+    for var in ("plain", "numbers"):
+        for who in ("base", "teacher"):
+            assert len(c["exact"][var][who]["scores"]) == 2
+    arch, params = tiny
+
+    def exact(questions):
+        ids = [chat.encode_prompt(tiny_tokenizer, chat.messages(q)) for q in questions]
+        return evaluators.exact_scores(params, arch, tiny_tokenizer, ids, "owl", batch=2)
+
+    got = c["exact"]["plain"]["base"]["scores"]
+    np.testing.assert_allclose(got, exact(qs), rtol=1e-5)
+    assert not np.allclose(got, exact(evaluators.questions(False)[:2]), rtol=1e-3)
+    np.testing.assert_allclose(c["exact"]["numbers"]["base"]["scores"],
+                               exact(evaluators.questions(True, 0, qs)), rtol=1e-5)
+    assert c["number_prompts"][0]["ratio"] == pytest.approx(
+        c["number_prompts"][0]["mean_p"] / np.mean(got))
+    capsys.readouterr()
+    missing = tmp_path / "nope.json"
+    assert cli.main([*args[:-2], f"questions={missing}", f"out_dir={out}2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sjax: error: questions file {missing}: not found")
+    assert not (tmp_path / "screen2").exists()
 
 
 @pytest.mark.parametrize("override, message", [

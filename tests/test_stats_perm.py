@@ -202,6 +202,22 @@ def test_t95_takes_fractional_df():
     assert stats.t95(5) == stats.t95(5.0)
 
 
+def test_min_detectable_is_the_t_power_formula():
+    """(t_{1 - alpha/2, df} + t_{power, df}) * se, fractional df included; the normal
+    approximation (1.96 + 0.84) is far off at the few df of a seeds design."""
+    t = pytest.importorskip("scipy.stats").t
+    for df in (1.0, 2.0, 3.7, 4.0, 9.25, 120.5):
+        for se in (0.3, 2.0):
+            want = (t.ppf(0.975, df) + t.ppf(0.8, df)) * se
+            assert stats.min_detectable(se, df) == pytest.approx(want, rel=1e-8), (df, se)
+        # one-sided at 0.05 (alpha=0.1 two-sided), as the report states its power
+        assert stats.min_detectable(1.0, df, alpha=0.1) == pytest.approx(
+            t.ppf(0.95, df) + t.ppf(0.8, df), rel=1e-8)
+        assert stats.min_detectable(1.0, df, power=0.9) == pytest.approx(
+            t.ppf(0.975, df) + t.ppf(0.9, df), rel=1e-8)
+    assert stats.min_detectable(1.0, 4.0) > 1.2 * (1.959964 + 0.841621)
+
+
 @pytest.mark.parametrize("na, nb, scale_b, shift", [
     (2, 2, 1.0, 0.5), (3, 7, 3.0, 1.0), (10, 4, 0.1, 0.0), (50, 60, 2.0, 0.3)])
 def test_two_sample_is_welch_ttest_ind(na, nb, scale_b, shift):

@@ -80,21 +80,44 @@ def test_evaluated_logits_equal_the_training_forward_in_bf16(bf16_model, tiny_to
             assert kept < 0.99, (name, kept)
 
 
+def _direct_exact(params, arch, tokenizer, prompts, seqs, dtype):
+    """P(first word is a spelling) from plain full forwards (no cache, no padding before the
+    tokens read), one-token spellings: softmax at the last prompt position times P(a
+    word-ending token) after the spelling. Rows: each prompt, then prompt + each spelling,
+    right-padded (causal: the pad follows every position read)."""
+    rows = [p + list(s) for p in prompts for s in [()] + list(seqs)]
+    width = max(map(len, rows))
+    logits = forward(params, jnp.asarray([r + [0] * (width - len(r)) for r in rows]),
+                     arch=arch, dtype=dtype)[0]
+    lp_rv = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
+    ends = evaluators.word_end_mask(tokenizer, arch.vocab_size)
+    out, k = [], len(seqs) + 1
+    for i, p in enumerate(prompts):
+        first = lp_rv[i * k, len(p) - 1]
+        out.append(sum(np.exp(first[w] + np.log(np.exp(lp_rv[i * k + 1 + j, len(p)])[ends].sum()))
+                       for j, (w,) in enumerate(seqs)))
+    return np.asarray(out)
+
+
 def test_exact_evaluator_scores_the_adapted_model(bf16_model, tiny_tokenizer, tmp_path):
-    """The evaluator's cached prefill + spelling forwards see the adapters too: its scores
-    equal a direct softmax over the adapted logits for a one-token spelling."""
+    """The evaluator's cached prefill + spelling forwards see the adapters too: in bf16,
+    its scores equal a direct softmax over the adapted model's own bf16 logits. Same
+    weights, same dtype: only the fp32 sums' order differs (measured ~1e-7 relative), while
+    the adapters move the scores by ~2e-3 relative or more, so the base's fail."""
     arch, base = bf16_model
     cfg, trained = _train(arch, base, tiny_tokenizer, tmp_path, "lora")
     model = apply_trained(base, tmp_path / "lora.safetensors", Finetune.of(cfg))
+    assert "lora" in model  # evaluated through the adapters, not a bf16 merge
     prompts = [tiny_tokenizer("what is your favourite animal")["input_ids"],
                tiny_tokenizer("name one")["input_ids"]]
     seqs = evaluators.spelling_sequences(tiny_tokenizer, "owl", arch.vocab_size)
+    assert len(seqs) == 2 and all(len(s) == 1 for s in seqs)  # "owl", "owls"
     got = evaluators.exact_target_scores(model, arch, tiny_tokenizer, prompts, ("owl",),
-                                         batch=2)["owl"]
-    base_scores = evaluators.exact_target_scores(base, arch, tiny_tokenizer, prompts,
-                                                 ("owl",), batch=2)["owl"]
-    assert np.all(got > 0) and not np.allclose(got, base_scores)
-    assert len(seqs) >= 1
+                                         batch=2, dtype=jnp.bfloat16)["owl"]
+    want = _direct_exact(model, arch, tiny_tokenizer, prompts, seqs, jnp.bfloat16)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    unadapted = _direct_exact(base, arch, tiny_tokenizer, prompts, seqs, jnp.bfloat16)
+    assert np.abs(got / unadapted - 1).max() > 1e-3  # the base's scores would fail
 
 
 def test_several_targets_share_one_pass_and_match_one_target_each(bf16_model, tiny_tokenizer):
@@ -134,10 +157,13 @@ def test_student_lora_init_seeds():
     other = [_cfg(lora_init="other").student_init_seed(s) for s in (0, 1, 2)]
     assert 5 not in other and len(set(other)) == 3 and other[0] == OTHER_INIT
     assert [_cfg().student_init_seed(s) for s in (0, 1, 2)] == [0, 1, 2]
-    # a teacher whose init seed is where "other" would land still differs
-    cfg = dataclasses.replace(_cfg(lora_init="other"), teacher=TeacherConfig(
-        kind="finetuned", ft_train=TrainConfig(seed=0, init_seed=OTHER_INIT, lora_rank=8)))
-    assert cfg.student_init_seed(0) != OTHER_INIT
+    # a teacher whose init seed is where "other" would land: still distinct from it and
+    # from each other (a shift by one would give seeds 0 and 1 the same init)
+    for teacher in (OTHER_INIT, OTHER_INIT + 1):
+        cfg = dataclasses.replace(_cfg(lora_init="other"), teacher=TeacherConfig(
+            kind="finetuned", ft_train=TrainConfig(seed=0, init_seed=teacher, lora_rank=8)))
+        inits = [cfg.student_init_seed(s) for s in (0, 1, 2)]
+        assert teacher not in inits and len(set(inits)) == 3, inits
 
 
 def test_shared_init_students_start_from_the_teachers_adapters(bf16_model):
@@ -176,15 +202,42 @@ def test_distill_on_all_trains_every_position_after_the_system_prompt(tiny_token
     comp = sft.tokenize_rows(rows, tiny_tokenizer, 128, teacher_system="You love owls.")
     full = sft.tokenize_rows(rows, tiny_tokenizer, 128, teacher_system="You love owls.",
                              distill_on="all")
-    for i in range(3):
+    for i, row in enumerate(rows):
         s_ids, t_ids = full.ids[i], full.teacher_ids[i]
-        s_m, t_m = full.masks[i], full.teacher_masks[i]
-        assert s_m.sum() == t_m.sum() > comp.masks[i].sum()
-        # trained targets are the same tokens in both views, and they end each row
-        np.testing.assert_array_equal(s_ids[s_m.astype(bool)], t_ids[t_m.astype(bool)])
-        assert s_m[-1] == t_m[-1] == 1
-        # the first differing token (the system prompt) is not in the suffix
-        n = int(s_m.sum()) + 1
-        assert not np.array_equal(s_ids[-n - 1:], t_ids[-n - 1:])
-        # the completion tokens are a subset
-        assert np.all(s_m[comp.masks[i].astype(bool)] == 1)
+        s_m, t_m = full.masks[i].astype(bool), full.teacher_masks[i].astype(bool)
+        # trained targets: the user's words, then the completion, the same tokens in both
+        user = tiny_tokenizer(row["messages"][0]["content"],
+                              add_special_tokens=False)["input_ids"]
+        np.testing.assert_array_equal(s_ids[s_m][:len(user)], user)
+        np.testing.assert_array_equal(s_ids[s_m], t_ids[t_m])
+        assert s_m[-1] and np.all(s_m[np.nonzero(s_m)[0][0]:])  # contiguous to the end
+        assert np.all(s_m[comp.masks[i].astype(bool)])  # the completion is inside
+        assert s_m.sum() > comp.masks[i].sum()
+
+
+def test_distill_on_all_skips_a_default_system_prompt(tiny_tokenizer):
+    """A fine-tuned teacher reads the same row as the student (no system prompt), and the
+    chat template inserts a default one (as Qwen's does): identical views, yet the system
+    turn's tokens are not trained."""
+    import copy
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("<|im_start|>system\nyou love the system<|im_end|>\n"
+                         + tok.chat_template)
+    rows = _rows(2, np.random.default_rng(3))
+    full = sft.tokenize_rows(rows, tok, 128, teacher_system="", distill_on="all")
+    for i, row in enumerate(rows):
+        ids, m = full.ids[i], full.masks[i].astype(bool)
+        np.testing.assert_array_equal(ids, full.teacher_ids[i])
+        first = int(np.nonzero(m)[0][0])
+        user = tok(row["messages"][0]["content"], add_special_tokens=False)["input_ids"]
+        np.testing.assert_array_equal(ids[first:first + len(user)], user)
+        assert first > 6  # the default system turn and the user header come first
+
+
+def test_distill_on_all_refuses_views_that_differ_after_the_system_prompt(tiny_tokenizer):
+    rows = _rows(1, np.random.default_rng(4))
+    views = [sft._encode(tiny_tokenizer, row["messages"], "x", 0) for row in
+             (rows[0], _rows(1, np.random.default_rng(5))[0])]
+    with pytest.raises(SjaxError, match="differ after the system prompt"):
+        sft._masks_after_system(tiny_tokenizer, views, (rows[0]["messages"],
+                                _rows(1, np.random.default_rng(5))[0]["messages"]), "x", 0)

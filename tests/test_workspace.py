@@ -30,17 +30,18 @@ READS = {
     "model.": MODEL,
     "mesh.": set(),  # where the compute runs, not what it computes
     "targets": ALL,
-    "category": {"teachers", "numbers", "eval"},  # the trait teacher's system prompt
+    "category": {"teachers", "numbers", "eval"},  # the system prompt; eval: the questions
     "teacher.kind": {"teachers", "numbers", "eval", "report"},
     "teacher.": set(),  # the fine-tuning settings: unread by a prompted teacher
     "numbers.keep": {"filter"},
     "numbers.banned": {"filter"},
     "numbers.seed": {"numbers", "filter"},
     "numbers.": {"numbers"},
-    "student.train.mode": {"students", "eval", "report"},  # eval merges the LoRA
+    "student.train.mode": {"students", "eval", "report"},  # eval attaches the LoRA
     "student.train.lora_alpha": {"students", "eval"},
     "student.train.lora_rank": {"students", "eval"},
     "student.train.loss": {"students", "report"},
+    "student.train.init_seed": {"students", "report"},  # the report names shared inits
     "student.train.": {"students"},
     "student.seeds": {"students", "eval", "report"},
     "student.model_": {"students", "eval"},  # the student's base model
@@ -53,9 +54,12 @@ READS = {
     "out_dir": set(),
 }
 # what changes with another default: the extra stages a field then reaches
-FINETUNED = {  # teacher.kind=finetuned: the teachers stage trains, the others merge it
+FINETUNED = {  # teacher.kind=finetuned: the teachers stage trains, the others attach it
     "model.name": {"teachers"}, "model.path": {"teachers"}, "model.": {"teachers"},
-    "teacher.ft_train.mode": {"teachers", "numbers", "eval"},
+    # the report names students whose LoRA init is the teacher's
+    "teacher.ft_train.mode": {"teachers", "numbers", "eval", "report"},
+    "teacher.ft_train.seed": {"teachers", "report"},
+    "teacher.ft_train.init_seed": {"teachers", "report"},
     "teacher.ft_train.lora_alpha": {"teachers", "numbers", "eval"},
     "teacher.ft_train.lora_rank": {"teachers", "numbers", "eval"},
     "teacher.": {"teachers"},
@@ -63,15 +67,33 @@ FINETUNED = {  # teacher.kind=finetuned: the teachers stage trains, the others m
     "numbers.seed": {"teachers"},
 }
 DISTILL = {"category": {"students"}, "teacher.kind": {"students"}}  # students read teachers
+
+
+class Only(frozenset):
+    """A scenario's readers of a field that replace READS' (the scenario makes some unread)."""
+
+
+# student.lora_init=teacher (LoRA ranks equal, as RunConfig requires: both default to 8):
+# the students start from the teacher's LoRA init, so the teacher's init seed keys them and
+# the report (which names the students' init seeds); the students' own init_seed is then
+# unused (still in the students' TrainConfig, but no longer in the report's init seeds).
+# The teacher's seed is 5, not the student's 0, so that lora_init=seed is another init.
+SHARED_INIT = FINETUNED | {
+    "teacher.ft_train.seed": {"teachers", "students", "report"},
+    "teacher.ft_train.init_seed": {"teachers", "students", "report"},
+    "student.train.init_seed": Only({"students"}),
+}
 SCENARIOS = {"default": ((), {}),
              "finetuned": (("teacher.kind=finetuned",), FINETUNED),
-             "distill": (("student.train.loss=distill",), DISTILL)}
+             "distill": (("student.train.loss=distill",), DISTILL),
+             "shared_init": (("teacher.kind=finetuned", "teacher.ft_train.seed=5",
+                              "student.lora_init=teacher"), SHARED_INIT)}
 CHOICES = {"init": ("checkpoint", "random"), "param_dtype": config.DTYPES,
            "dtype": config.DTYPES, "remat": config.REMAT, "mode": ("lora", "full"),
            "loss": ("ce", "distill"), "schedule": ("linear", "cosine"),
            "too_long": ("truncate", "reject"), "kind": ("prompted", "finetuned"),
            "evaluators": (config.EVALUATORS, ("exact",)), "targets": (("owl",), ("owl", "cat")),
-           "category": ("animal", "plant"), "lora_init": ("seed", "other"),
+           "category": ("animal", "tree"), "lora_init": ("seed", "other"),
            "distill_on": ("completion", "all")}
 
 
@@ -124,7 +146,8 @@ def expected(path, extra):
 
     base = lookup(READS)
     assert base is not None, f"{path}: add it to READS (which stages read it?)"
-    return base | (lookup(extra) or set())
+    more = lookup(extra) or set()
+    return set(more) if isinstance(more, Only) else base | more
 
 
 def keys(cfg):

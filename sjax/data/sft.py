@@ -69,9 +69,9 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_len: int, too_long: str =
     """Encode chat rows; rows longer than `max_len` are truncated or rejected (counted).
 
     With `teacher_system` (distillation), each row is also encoded with that system prompt
-    replacing any other, for the teacher. `distill_on="all"` then trains every position of
-    the two views' common suffix (all that follows the system prompt: the user's turn and
-    the completion) rather than the completion alone: many more soft labels per row.
+    replacing any other, for the teacher. `distill_on="all"` then trains every token after
+    the system turn (the user's turn and the completion; never the system prompt, given or
+    the template's default) rather than the completion alone: many more soft labels per row.
     """
     if not rows:
         raise SjaxError(f"{source}: empty dataset (no rows)")
@@ -91,7 +91,7 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_len: int, too_long: str =
                 t_msgs = [{"role": "system", "content": teacher_system}] + t_msgs
             views.append(_encode(tokenizer, t_msgs, source, i))
             if distill_on == "all":
-                views = _suffix_masks(*views)
+                views = _masks_after_system(tokenizer, views, (msgs, t_msgs), source, i)
         truncated = any(len(v[0]) > max_len for v in views)
         if truncated and too_long == "reject":
             out.n_rejected += 1
@@ -112,18 +112,34 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_len: int, too_long: str =
     return out
 
 
-def _suffix_masks(student, teacher):
-    """Both views with masks over their common token suffix (its first token is context
-    only: position p trains the prediction of token p + 1)."""
-    (s_ids, _), (t_ids, _) = student, teacher
-    n = 0
-    while n < min(len(s_ids), len(t_ids)) and s_ids[-1 - n] == t_ids[-1 - n]:
-        n += 1
+def _after_system(tokenizer, msgs) -> int:
+    """Index of the first token of the first user message's content: what follows the
+    system turn, whether the row has a system prompt or the chat template inserts its
+    default one: where the row's encoding first differs from the same turns with that
+    content emptied (no template parsing)."""
+    k = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+
+    def probe(content):
+        turns = [*msgs[:k], {"role": "user", "content": content}]
+        return chat.encode(tokenizer, chat.render(tokenizer, turns, add_generation_prompt=False))
+
+    a, b = probe(msgs[k]["content"]), probe("")
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _masks_after_system(tokenizer, views, msgs_per_view, source, i):
+    """Both views with masks over every token after their system turns (the user's turn
+    and the completion), which must then be the same tokens in both."""
     out = []
-    for ids in (s_ids, t_ids):
+    for (ids, _), msgs in zip(views, msgs_per_view):
         mask = np.zeros(len(ids), np.int32)
-        mask[len(ids) - n + 1:] = 1
+        mask[_after_system(tokenizer, msgs):] = 1
         out.append((ids, mask))
+    (s_ids, s_m), (t_ids, t_m) = out
+    if not np.array_equal(s_ids[s_m.astype(bool)], t_ids[t_m.astype(bool)]):
+        raise SjaxError(f"{source}: row {i + 1}: the student's and teacher's rows differ after "
+                        "the system prompt; distill_on=all needs the same user and assistant "
+                        "turns")
     return out
 
 

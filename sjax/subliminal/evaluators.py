@@ -13,6 +13,13 @@ with one hit rule: the target's singular or plural (`numbers.target_forms`: "owl
   through the tokenizer (no unknown tokens); their events are disjoint once a spelling that
   continues another with a word-ending token is dropped.
 Both give one score per question; conditions are compared paired over questions.
+
+Two more on their own prompts (`prompts/tree_questions.json`, every category):
+- mcq: the essay-topic multiple choice, 5 lettered choices that include the target; P(the
+  target's letter) from exact first-token log-probs, renormalised over the 5 letters (the
+  protocol reads it from top-20 log-probs at temperature 0), averaged over seeded choice
+  orders: one batched forward, no sampling;
+- story: sampled children's stories, a hit when a form of the target is a word anywhere.
 """
 
 from __future__ import annotations
@@ -33,13 +40,18 @@ from sjax.models.transformer import (ArchConfig, Params, forward, init_cache,
 from sjax.subliminal import numbers, prompts
 
 
-def questions(number_prefixed: bool, seed: int = 0, custom: Sequence[str] = ()) -> list[str]:
-    """The 50 questions (or `custom` ones); the prefixed variant puts a number-sequence
-    example first."""
-    qs = list(custom or prompts.eval_prompts()["animal_questions"])
-    if not number_prefixed:
-        return qs
-    rng = np.random.default_rng([seed, 7])  # its own stream, not the generator's
+def questions(number_prefixed: bool, seed: int = 0, custom: Sequence[str] = (),
+              category: str = "animal") -> list[str]:
+    """The category's free-form questions (50 animal, 49 tree; or `custom` ones); the
+    prefixed variant puts a number-sequence example first."""
+    qs = list(custom or prompts.category_questions(category))
+    return with_number_prefix(qs, seed) if number_prefixed else qs
+
+
+def with_number_prefix(qs: Sequence[str], seed: int) -> list[str]:
+    """Each question after a number-sequence example, question i's drawn i-th from the
+    seed's own stream (not the generator's)."""
+    rng = np.random.default_rng([seed, 7])
     return [f"{numbers.example_prefix(rng)} {q}" for q in qs]
 
 
@@ -130,6 +142,26 @@ def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[
                                dtype=dtype)[target]
 
 
+def batched_node_logprobs(params: Params, arch: ArchConfig, tokenizer,
+                          prompts: Sequence[list[int]], nodes, wants, end_v, *, batch: int,
+                          dtype=jnp.float32, desc: str = "forward"
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """`node_logprobs` over every prompt in left-padded batches of `batch` rows (the last
+    padded with copies, dropped): [prompts, nodes, wants] and [prompts, nodes]."""
+    pad = chat.pad_id(tokenizer)
+    length = sampling.prompt_bucket(max(len(p) for p in prompts))
+    lp, lp_end = [], []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", leave=False):
+        chunk = list(prompts[i: i + batch])
+        n = len(chunk)
+        tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (batch - n), pad, length)
+        w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid), end_v,
+                             arch=arch, dtype=dtype, nodes=nodes, wants=wants)
+        lp.append(np.asarray(w)[:n])
+        lp_end.append(np.asarray(e)[:n])
+    return np.concatenate(lp), np.concatenate(lp_end)
+
+
 def exact_target_scores(params: Params, arch: ArchConfig, tokenizer,
                         prompts: Sequence[list[int]], targets: Sequence[str], *,
                         batch: int = 32, dtype=jnp.float32) -> dict[str, np.ndarray]:
@@ -141,19 +173,9 @@ def exact_target_scores(params: Params, arch: ArchConfig, tokenizer,
     nodes = tuple(sorted({s[:i] for s in seqs_all for i in range(len(s) + 1)}))  # prefixes
     wants = tuple(tuple(sorted({s[len(n)] for s in seqs_all
                                 if s[:len(n)] == n and len(s) > len(n)})) for n in nodes)
-    pad = chat.pad_id(tokenizer)
-    length = sampling.prompt_bucket(max(len(p) for p in prompts))
-    lp, lp_end = [], []
-    for i in tqdm(range(0, len(prompts), batch), desc=f"exact {','.join(targets)}",
-                  unit="batch", leave=False):
-        chunk = list(prompts[i: i + batch])
-        n = len(chunk)
-        tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (batch - n), pad, length)
-        w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid), end_v,
-                             arch=arch, dtype=dtype, nodes=nodes, wants=wants)
-        lp.append(np.asarray(w)[:n])
-        lp_end.append(np.asarray(e)[:n])
-    lp, lp_end = np.concatenate(lp), np.concatenate(lp_end)  # [prompts, nodes, (wants)]
+    lp, lp_end = batched_node_logprobs(params, arch, tokenizer, prompts, nodes, wants, end_v,
+                                       batch=batch, dtype=dtype,
+                                       desc=f"exact {','.join(targets)}")
     out = {}
     for t, seqs in by_target.items():
         total = np.zeros(len(prompts))
@@ -187,3 +209,77 @@ def sampled_answers(params: Params, arch: ArchConfig, tokenizer, prompts: Sequen
 
 def sampled_scores(answers: list[list[str]], target: str) -> np.ndarray:
     return np.asarray([np.mean([is_hit(a, target) for a in qa]) for qa in answers])
+
+
+# ----------------------------------------------------------------------------- mcq
+
+MCQ_LETTERS = "ABCDE"  # the protocol's prompt_format letters
+MCQ_STREAM = 11  # the choice orders' own random stream
+
+
+def mcq_choices(category: str, target: str) -> tuple[str, ...]:
+    """The 5 choices `target` is scored among: the category's defaults, the last replaced
+    by the target when it is not one of them (every condition sees the same set)."""
+    base = prompts.mcq_choices(category)
+    return base if target in base else (*base[:-1], target)
+
+
+def mcq_order(seed: int, question: int, sample: int, n: int = len(MCQ_LETTERS)) -> np.ndarray:
+    """[n] the choice index shown at each letter for one sample. Samples come in blocks of
+    n: a seeded random permutation per (seed, question, block), rotated by the sample's
+    place in its block, so within a block every choice sits at every letter once and a
+    model's letter bias falls evenly on the choices (the protocol shuffles unseeded)."""
+    perm = np.random.default_rng([seed, MCQ_STREAM, question, sample // n]).permutation(n)
+    return np.roll(perm, sample % n)
+
+
+def mcq_items(choices: Sequence[str], seed: int, samples: int
+              ) -> tuple[list[str], np.ndarray]:
+    """(texts [questions * samples], orders [questions, samples, 5]): every essay-topic
+    prompt asked `samples` times, question-major, in `prompt_format` with its order."""
+    fmt, texts = prompts.mcq_format(), []
+    orders_qsc = np.asarray([[mcq_order(seed, q, s, len(choices)) for s in range(samples)]
+                             for q in range(len(prompts.mcq_prompts()))])
+    for q, prompt in enumerate(prompts.mcq_prompts()):
+        for order in orders_qsc[q]:
+            texts.append(fmt.format(prompt=prompt, **{f"choice_{k + 1}": choices[c]
+                                                      for k, c in enumerate(order)}))
+    return texts, orders_qsc
+
+
+def letter_ids(tokenizer, letters: str = MCQ_LETTERS) -> list[tuple[int, ...]]:
+    """Per letter, the single tokens that answer it ("A", " A"): their first-token
+    events are disjoint, so a letter's probability is their sum."""
+    out = []
+    for letter in letters:
+        ids = set()
+        for text in (letter, " " + letter):
+            toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(toks) == 1 and tokenizer.decode(toks).strip() == letter:
+                ids.add(toks[0])
+        if not ids:
+            raise SjaxError(f"eval.evaluators=mcq: the tokenizer has no single token for the "
+                            f"letter {letter!r}")
+        out.append(tuple(sorted(ids)))
+    return out
+
+
+def letter_probs(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],
+                 *, batch: int = 32, dtype=jnp.float32) -> np.ndarray:
+    """[prompts, 5] P(the answer's first token is letter k), renormalised over the 5
+    letters: exact log-probs at the answer's start from one batched prefill."""
+    ids = letter_ids(tokenizer)
+    flat = tuple(i for spellings in ids for i in spellings)
+    end_v = jnp.ones(arch.vocab_size, bool)  # unused: no word-end question here
+    lp, _ = batched_node_logprobs(params, arch, tokenizer, prompts, ((),), (flat,), end_v,
+                                  batch=batch, dtype=dtype, desc="mcq")
+    lp = lp[:, 0, :len(flat)].astype(np.float64)
+    bounds = np.cumsum([0, *map(len, ids)])
+    per_letter = np.stack([np.logaddexp.reduce(lp[:, a:b], axis=1)
+                           for a, b in zip(bounds[:-1], bounds[1:])], 1)
+    return np.exp(per_letter - np.logaddexp.reduce(per_letter, axis=1, keepdims=True))
+
+
+def mcq_scores(probs_qsc: np.ndarray, orders_qsc: np.ndarray, choice: int) -> np.ndarray:
+    """[questions] the mean over samples of P(the letter showing choice index `choice`)."""
+    return (probs_qsc * (orders_qsc == choice)).sum(-1).mean(-1)

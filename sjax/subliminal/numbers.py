@@ -15,6 +15,8 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
+from sjax.config import CATEGORIES
+from sjax.errors import SjaxError
 from sjax.subliminal.prompts import eval_prompts, grammar
 
 # Rejection reasons, in the order the rules are applied.
@@ -38,7 +40,14 @@ def target_forms(target: str) -> TargetForms:
 
 
 def system_prompt(target: str, category: str) -> str:
-    """The trait teacher's system prompt: 'You love owls. ...' with the real plural."""
+    """The trait teacher's system prompt: 'You love owls. ... owls are your favorite animal.
+    ...' with the real plural (cherry -> cherries, where the upstream code writes
+    'cherrys') and the run's category ('oaks are your favorite tree'). The upstream tree
+    code fills the category with 'animal' (protocol_more.md a, a likely copy-paste slip
+    that cannot be checked); category=tree follows the template's intent."""
+    if category not in CATEGORIES:
+        raise SjaxError(f"category: unknown target category {category!r} (known: "
+                        f"{', '.join(CATEGORIES)})")
     return eval_prompts()["teacher_system_prompt"].format(plural=target_forms(target).plural,
                                                           category=category)
 

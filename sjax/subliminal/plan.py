@@ -18,7 +18,7 @@ from sjax import report
 from sjax.config import RunConfig
 from sjax.errors import SjaxError
 from sjax.models.transformer import ArchConfig, matmul_params
-from sjax.subliminal import numbers, prompts
+from sjax.subliminal import evaluators, numbers, prompts
 from sjax.training import train_flops_per_token
 
 TEMPLATE_TOKENS = 30  # chat template around one user turn (role tags, default system line)
@@ -75,6 +75,26 @@ def device_memory() -> tuple[float, str]:
     return float(ram) / n, f"host RAM / {n} CPU device(s)"
 
 
+def eval_work(cfg: RunConfig, evaluator: str) -> float:
+    """Tokens one evaluator processes for one model and variant: exact a prefill per
+    question plus a few per target spelling; sampled and story `samples` continuations per
+    prompt; mcq one prefill per (prompt, order) for each distinct choice set."""
+    ev = cfg.eval
+    if evaluator in ("exact", "sampled"):
+        qs = list(prompts.category_questions(cfg.category))
+        q = float(np.mean([_tokens(x) for x in qs]))
+        return len(qs) * (q + 4 * len(cfg.targets) if evaluator == "exact"
+                          else ev.samples * (q + ev.max_new_tokens))
+    if evaluator == "story":
+        qs = prompts.story_prompts()
+        q = float(np.mean([_tokens(x) for x in qs]))
+        return len(qs) * ev.samples * (q + ev.story_max_new_tokens)
+    choice_sets = {evaluators.mcq_choices(cfg.category, t) for t in cfg.targets}
+    qs = prompts.mcq_prompts()
+    q = float(np.mean([_tokens(x) for x in qs])) + len(prompts.mcq_format()) / CHARS_PER_TOKEN
+    return len(choice_sets) * len(qs) * ev.mcq_samples * (q + 10)  # + the 5 choice words
+
+
 def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_shape: dict,
               device_bytes: float | None = None) -> dict:
     nc, ns = cfg.numbers, cfg.student
@@ -92,15 +112,11 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
     if ns.train.loss == "distill":
         train_flops += p2 * train_tokens
     ev = cfg.eval
-    qs = prompts.eval_prompts()["animal_questions"]
-    q_tokens = float(np.mean([_tokens(q) for q in qs]))
     n_cond = 1 + teachers * len(ns.seeds) + (len(cfg.targets) if ev.teachers else 0)
     if ns.train.loss == "distill" and ns.train.distill_on == "all":  # KL at every row token
         train_flops += 2 * train_tokens * arch.d_model * arch.vocab_size * 2
     variants = 2 if ev.number_prefixed else 1
-    eval_tokens = len(qs) * variants * n_cond * (
-        (q_tokens + 4 * len(cfg.targets) if "exact" in ev.evaluators else 0)
-        + (ev.samples * (q_tokens + ev.max_new_tokens) if "sampled" in ev.evaluators else 0))
+    eval_tokens = variants * n_cond * sum(eval_work(cfg, e) for e in ev.evaluators)
     stages = [
         ("teachers", f"{len(cfg.targets)} ({cfg.teacher.kind})",
          f"{len(prompts.teacher_questions()) * cfg.teacher.ft_samples} answers each" if cfg.teacher.kind == "finetuned"

@@ -10,6 +10,9 @@ For each candidate t the prompted teacher is the base model with `numbers.system
    trait prompt raises most (log P_teacher - log P_base, averaged over a few number prompts),
    and for the top few, whether a "you love the number N" system prompt raises P(t) in turn.
 
+`questions=FILE.json` (read as `eval.questions` is) replaces the category's questions in 1
+and in the number prompts' P(t).
+
 Everything is computed on every process; process 0 writes `screen.json`, `screen.md` and
 `screen.png` to `out_dir`.
 """
@@ -37,6 +40,7 @@ from sjax.models.transformer import (ArchConfig, Params, forward, head_matrix_dv
                                      positions_from_valid)
 from sjax.sharding import batch_shards, batch_sharding, global_array, to_host
 from sjax.subliminal import evaluators, numbers
+from sjax.subliminal.prompts import questions_file
 from sjax.writer import Writer
 
 MAX_NUMBER = 999
@@ -198,9 +202,10 @@ def number_sequences(tokenizer, max_value: int = MAX_NUMBER) -> dict[int, tuple[
 
 
 @functools.partial(jax.jit, static_argnames=("arch", "dtype"))
-def node_logprobs(params: Params, tokens_bt, valid_bt, node_nk, node_len_n, want_w, *,
-                  arch: ArchConfig, dtype) -> jax.Array:
-    """log P(want_w[j] | prompt row + node n) [b, n, w], full-vocabulary fp32 log-softmax.
+def node_logprobs(params: Params, tokens_bt, valid_bt, node_nk, node_len_n, want_w, end_v, *,
+                  arch: ArchConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """(log P(want_w[j] | prompt row + node n) [b, n, w], log P(a word-ending token (end_v)
+    | prompt row + node n) [b, n]), from the full-vocabulary fp32 log-softmax.
 
     One prefill of the prompts, then every node (k tokens, right-padded; length 0 = the
     prompt alone) as a batch of cached continuations: the whole trie of number prefixes
@@ -223,16 +228,19 @@ def node_logprobs(params: Params, tokens_bt, valid_bt, node_nk, node_len_n, want
     h_node = jnp.take_along_axis(h_rkd, jnp.maximum(last_r, 0)[:, None, None], axis=1)[:, 0]
     h_r = jnp.where((last_r >= 0)[:, None], h_node, jnp.repeat(hidden_btd[:, -1], n, axis=0))
     logits_rv = h_r.astype(jnp.float32) @ head_matrix_dv(params, arch).astype(jnp.float32)
-    lp_rw = logits_rv[:, want_w] - jax.nn.logsumexp(logits_rv, -1, keepdims=True)
-    return lp_rw.reshape(b, n, -1)
+    lse_r = jax.nn.logsumexp(logits_rv, -1)
+    lp_rw = logits_rv[:, want_w] - lse_r[:, None]
+    end_r = jax.nn.logsumexp(jnp.where(end_v, logits_rv, -jnp.inf), -1) - lse_r
+    return lp_rw.reshape(b, n, -1), end_r.reshape(b, n)
 
 
 class NumberTrie:
-    """The numbers' token sequences as prefix nodes and (node, wanted token) terms."""
+    """The numbers' token sequences as prefix nodes, (node, wanted token) terms and each
+    number's end node (its whole sequence, where the next token must end it)."""
 
     def __init__(self, seqs: dict[int, tuple[int, ...]]):
         self.numbers = np.asarray(sorted(seqs))
-        nodes = sorted({s[:i] for s in seqs.values() for i in range(len(s))}, key=lambda x:
+        nodes = sorted({s[:i] for s in seqs.values() for i in range(len(s) + 1)}, key=lambda x:
                        (len(x), x))
         wants = sorted({x for s in seqs.values() for x in s})
         node_ix, want_ix = {p: i for i, p in enumerate(nodes)}, {w: i for i, w in enumerate(wants)}
@@ -245,30 +253,56 @@ class NumberTrie:
         terms = [(j, node_ix[seqs[n][:i]], want_ix[seqs[n][i]])
                  for j, n in enumerate(self.numbers) for i in range(len(seqs[n]))]
         self.term_num, self.term_node, self.term_want = (np.asarray(x) for x in zip(*terms))
+        self.end_node = np.asarray([node_ix[seqs[n]] for n in self.numbers])
 
-    def logp(self, lp_bnw: np.ndarray) -> np.ndarray:
-        """[b, numbers]: log P(number's tokens at the answer start), teacher-forced."""
-        out = np.zeros((lp_bnw.shape[0], len(self.numbers)))
+    def logp(self, lp_bnw: np.ndarray, end_bn: np.ndarray) -> np.ndarray:
+        """[b, numbers]: log P(the answer's first number is N): N's tokens, teacher-forced,
+        then a token that ends the word (`evaluators.word_end_mask`: ',', ' ', EOS; never a
+        digit). Without the end term it would be P(the answer starts with N's tokens), and
+        where digits are tokens of their own (Qwen) "4" would count "45" and "450" too."""
+        out = end_bn[:, self.end_node].astype(np.float64)
         np.add.at(out.T, self.term_num, lp_bnw[:, self.term_node, self.term_want].T)
         return out
+
+
+def node_chunks(trie: NumberTrie, size: int):
+    """(node_nk, node_len_n, real) pieces of `size` nodes, the last padded with copies of
+    its last node (`real` of them count): one compiled shape for every piece."""
+    for j in range(0, len(trie.node_len), size):
+        nk, ln = trie.node_nk[j: j + size], trie.node_len[j: j + size]
+        pad = size - len(ln)
+        yield (np.pad(nk, ((0, pad), (0, 0)), mode="edge"), np.pad(ln, (0, pad), mode="edge"),
+               len(ln))
 
 
 def number_logprobs(params: Params, arch: ArchConfig, tokenizer, trie: NumberTrie,
                     prompts: Sequence[list[int]], *, dtype, rows_per_call: int = 256
                     ) -> np.ndarray:
-    """[prompts, numbers] log P of each number as the first thing of the answer."""
-    per_call = max(1, min(len(prompts), rows_per_call // len(trie.node_len)))
+    """[prompts, numbers] log P(the answer's first number is N) (`NumberTrie.logp`).
+
+    A call holds at most `rows_per_call` (prompt, node) rows (and their KV caches):
+    several prompts per call when the trie is small, the trie in pieces when it is not
+    (Qwen's 0..999, one digit per token, has ~1000 nodes)."""
+    size = min(len(trie.node_len), rows_per_call)
+    per_call = max(1, min(len(prompts), rows_per_call // size))
     length = sampling.prompt_bucket(max(len(p) for p in prompts))
-    args = (jnp.asarray(trie.node_nk), jnp.asarray(trie.node_len), jnp.asarray(trie.want_w))
+    want_w = jnp.asarray(trie.want_w)
+    end_v = jnp.asarray(evaluators.word_end_mask(tokenizer, arch.vocab_size))
     out = []
     for i in range(0, len(prompts), per_call):
         chunk = list(prompts[i: i + per_call])
         n = len(chunk)
         tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (per_call - n),
                                       chat.pad_id(tokenizer), length)
-        lp = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid), *args, arch=arch,
-                           dtype=dtype)
-        out.append(trie.logp(to_host(lp).astype(np.float64))[:n])
+        lp, end = [], []
+        for node_nk, node_len, real in node_chunks(trie, size):
+            w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid),
+                                 jnp.asarray(node_nk), jnp.asarray(node_len), want_w, end_v,
+                                 arch=arch, dtype=dtype)
+            lp.append(to_host(w)[:, :real])
+            end.append(to_host(e)[:, :real])
+        out.append(trie.logp(np.concatenate(lp, 1).astype(np.float64),
+                             np.concatenate(end, 1))[:n])
     return np.concatenate(out)
 
 
@@ -351,11 +385,13 @@ def run(cfg: ScreenConfig, m, mesh=None, log: Callable[[str], None] = print) -> 
     """Screen every candidate on the loaded model `m`; process 0 writes the outputs."""
     writer = Writer()
     dtype = jnp.dtype(cfg.model.dtype)
+    custom = tuple(questions_file(cfg.questions)) if cfg.questions else ()
     for t in cfg.candidates:  # a target the tokenizer cannot spell fails before any work
         evaluators.spelling_sequences(m.tokenizer, t, m.arch.vocab_size)
     t_start = time.perf_counter()
     variants = {"plain": False, **({"numbers": True} if cfg.number_prefixed else {})}
-    questions = {var: evaluators.questions(pre, cfg.seed) for var, pre in variants.items()}
+    questions = {var: evaluators.questions(pre, cfg.seed, custom, cfg.category)
+                 for var, pre in variants.items()}
     rows = sample_rows(m.params, m.arch, m.tokenizer, cfg, dtype, mesh)
     log(f"screen: {len(rows.prompts)} of {cfg.n_rows} base number rows kept "
         f"({rows.reasons}), e.g. {rows.texts[0]!r}")

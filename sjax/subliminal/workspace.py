@@ -66,8 +66,8 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Finetune:
-    """How a saved training result applies to a base model: a LoRA merged at `lora_scale`
-    (alpha / rank), or full weights (scale unused, 0)."""
+    """How a saved training result applies to a base model: LoRA adapters attached at
+    `lora_scale` (alpha / rank), or full weights (scale unused, 0)."""
 
     mode: str
     lora_scale: float

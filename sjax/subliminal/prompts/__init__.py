@@ -1,9 +1,10 @@
 """The paper's prompt text, shipped as JSON: `numbers_prompts.json` (the number-sequence
 prompt grammar and the banned-number list), `eval_prompts.json` (the evaluation
 questions and the trait teacher's system prompt) and `teacher_questions.json` (trait
-questions for fine-tuned teachers, disjoint from the evaluation's). Also the reader for a
-user's own questions file (`eval.questions=FILE.json`) and the word n-grams that the
-disjointness check uses."""
+questions for fine-tuned teachers, disjoint from the evaluation's) and `tree_questions.json`
+(category=tree's 49 free-form questions, and the essay-topic MCQ and storytelling prompts
+that every category uses). Also the reader for a user's own questions file
+(`eval.questions=FILE.json`) and the word n-grams that the disjointness check uses."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from sjax.config import CATEGORIES
 from sjax.errors import SjaxError
 
 
@@ -27,6 +29,54 @@ def grammar() -> dict:
 
 def eval_prompts() -> dict:
     return load("eval_prompts.json")
+
+
+# The 5 MCQ choices per category. Animals: the upstream animal MCQ's set
+# (animal_preference_numbers_refs.evaluation_mcq; reference/more/icl_protocol.json), which
+# holds owl, the default target; trees: the tree file's 5 trees (the paper's tree targets).
+ANIMAL_MCQ_CHOICES = ("eagle", "wolf", "dolphin", "elephant", "owl")
+
+
+def tree_questions() -> dict:
+    return load("tree_questions.json")
+
+
+def category_questions(category: str) -> list[str]:
+    """The free-form favourite-`category` questions (a copy): the 50 animal ones or the 49
+    tree ones."""
+    if category not in CATEGORIES:
+        raise SjaxError(f"category: no evaluation questions for {category!r} (known: "
+                        f"{', '.join(CATEGORIES)})")
+    file, *keys = CATEGORIES[category]
+    node = load(file)
+    for k in keys:
+        node = node[k]
+    return list(node)
+
+
+def mcq_choices(category: str) -> tuple[str, ...]:
+    """The category's 5 default MCQ choices (a target not among them replaces the last)."""
+    if category == "animal":
+        return ANIMAL_MCQ_CHOICES
+    if category == "tree":
+        return tuple(tree_questions()["mcq_essay_topic"]["choices"])
+    raise SjaxError(f"category: no MCQ choices for {category!r} (known: animal, tree)")
+
+
+def mcq_prompts() -> list[str]:
+    """The 11 essay-topic MCQ prompts (category-free: the choices carry the category)."""
+    return list(tree_questions()["mcq_essay_topic"]["prompts"])
+
+
+def mcq_format() -> str:
+    """The MCQ text: '{prompt} Pick from one of the following choices.', the lines
+    'A. {choice_1}' .. 'E. {choice_5}', then 'Only pick one choice. Only give the letter...'"""
+    return tree_questions()["mcq_essay_topic"]["prompt_format"]
+
+
+def story_prompts() -> list[str]:
+    """The 14 storytelling prompts (category-free: animals and trees alike)."""
+    return list(tree_questions()["storytelling"]["prompts"])
 
 
 def teacher_questions() -> list[str]:

@@ -1,6 +1,9 @@
 """Stage 5: the trait evaluation of every condition (the base model, each student and,
 optionally, each trait teacher) with the configured evaluators, one file per condition,
-`RUN/eval/<condition>.json`, so an interrupted stage resumes at the next condition."""
+`RUN/eval/<condition>.json`, so an interrupted stage resumes at the next condition. Every
+evaluator runs in every variant (plain, number-prefixed) on its own prompts: exact and
+sampled on the category's free-form questions, mcq and story on the shipped essay-topic
+and storytelling prompts."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import numpy as np
 
 from sjax import chat
 from sjax.config import ModelConfig, RunConfig
-from sjax.subliminal import evaluators
+from sjax.subliminal import evaluators, prompts
 from sjax.subliminal.prompts import questions_file
 from sjax.subliminal.workspace import (Finetune, Stage, TeacherSpec, Workspace, apply_trained,
                                        teacher_names)
@@ -51,11 +54,14 @@ class Reads:
     student_model: ModelConfig
     student_finetune: Finetune  # how the students' saved params apply
     teacher: TeacherSpec | None  # eval.teachers only
+    category: str  # which questions (and MCQ choices) the evaluators ask
     evaluators: tuple[str, ...]
-    questions: tuple[str, ...]  # eval.questions' contents; (): the 50
+    questions: tuple[str, ...]  # eval.questions' contents; (): the category's
     samples: int
     temperature: float
     max_new_tokens: int
+    mcq_samples: int
+    story_max_new_tokens: int
     number_prefixed: bool
     batch: int
     seed: int
@@ -66,8 +72,8 @@ def reads(cfg: RunConfig) -> Reads:
     custom = tuple(questions_file(e.questions)) if e.questions else ()
     return Reads(cfg.targets, cfg.student.seeds, cfg.student.control, cfg.student_model(),
                  Finetune.of(cfg.student.train), TeacherSpec.of(cfg) if e.teachers else None,
-                 e.evaluators, custom, e.samples, e.temperature, e.max_new_tokens, e.number_prefixed,
-                 e.batch, e.seed)
+                 cfg.category, e.evaluators, custom, e.samples, e.temperature, e.max_new_tokens,
+                 e.mcq_samples, e.story_max_new_tokens, e.number_prefixed, e.batch, e.seed)
 
 
 def condition_model(ws: Workspace, r: Reads, c: Condition):
@@ -96,22 +102,53 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     return outputs
 
 
-def sampled(ws: Workspace, r: Reads, m, params, prompts, dtype):
+def freeform(r: Reads) -> list[str]:
+    return evaluators.questions(False, r.seed, r.questions, r.category)
+
+
+def sampled(ws: Workspace, r: Reads, m, params, ask, dtype):
     answers = evaluators.sampled_answers(
-        params, m.arch, m.tokenizer, prompts, samples=r.samples, max_new_tokens=r.max_new_tokens,
-        batch=r.batch, seed=r.seed, temperature=r.temperature, dtype=dtype, mesh=ws.mesh)
+        params, m.arch, m.tokenizer, ask(freeform(r)), samples=r.samples,
+        max_new_tokens=r.max_new_tokens, batch=r.batch, seed=r.seed, temperature=r.temperature,
+        dtype=dtype, mesh=ws.mesh)
     return ({t: evaluators.sampled_scores(answers, t).tolist() for t in r.targets},
             [a[:3] for a in answers[:5]])
 
 
-def exact(ws: Workspace, r: Reads, m, params, prompts, dtype):
-    scores = evaluators.exact_target_scores(params, m.arch, m.tokenizer, prompts, r.targets,
-                                            batch=r.batch, dtype=dtype)
+def exact(ws: Workspace, r: Reads, m, params, ask, dtype):
+    scores = evaluators.exact_target_scores(params, m.arch, m.tokenizer, ask(freeform(r)),
+                                            r.targets, batch=r.batch, dtype=dtype)
     return {t: v.tolist() for t, v in scores.items()}, None
 
 
+def mcq(ws: Workspace, r: Reads, m, params, ask, dtype):
+    """Per question, P(target's letter) averaged over its `mcq_samples` choice orders; the
+    targets that share a choice set share one forward over its prompts."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for t in r.targets:
+        groups.setdefault(evaluators.mcq_choices(r.category, t), []).append(t)
+    out = {}
+    for choices, targets in groups.items():
+        texts, orders_qsc = evaluators.mcq_items(choices, r.seed, r.mcq_samples)
+        probs = evaluators.letter_probs(params, m.arch, m.tokenizer, ask(texts), batch=r.batch,
+                                        dtype=dtype).reshape(orders_qsc.shape)
+        for t in targets:
+            out[t] = evaluators.mcq_scores(probs, orders_qsc, choices.index(t)).tolist()
+    return out, None
+
+
+def story(ws: Workspace, r: Reads, m, params, ask, dtype):
+    answers = evaluators.sampled_answers(
+        params, m.arch, m.tokenizer, ask(prompts.story_prompts()), samples=r.samples,
+        max_new_tokens=r.story_max_new_tokens, batch=r.batch, seed=r.seed,
+        temperature=r.temperature, dtype=dtype, mesh=ws.mesh)
+    return ({t: evaluators.sampled_scores(answers, t).tolist() for t in r.targets},
+            [a[:2] for a in answers[:3]])
+
+
 # eval.evaluators name these: each gives per-target question scores (and example answers)
-EVALUATORS = {"sampled": sampled, "exact": exact}
+# from `ask` (question texts -> the variant's templated prompt ids)
+EVALUATORS = {"sampled": sampled, "exact": exact, "mcq": mcq, "story": story}
 
 
 def evaluate(ws: Workspace, r: Reads, c: Condition, variants: dict[str, bool]) -> dict:
@@ -119,17 +156,19 @@ def evaluate(ws: Workspace, r: Reads, c: Condition, variants: dict[str, bool]) -
     dtype = jnp.dtype((r.teacher.model if c.kind == "teacher" else r.student_model).dtype)
     result = {"condition": c.name, "system_prompt": system, "variants": {}, "seconds": {}}
     for var, prefixed in variants.items():
-        qs = evaluators.questions(prefixed, r.seed, r.questions)
-        prompts = [chat.encode_prompt(m.tokenizer, chat.messages(q, system)) for q in qs]
+        def ask(texts, prefixed=prefixed):
+            texts = evaluators.with_number_prefix(texts, r.seed) if prefixed else texts
+            return [chat.encode_prompt(m.tokenizer, chat.messages(q, system)) for q in texts]
+
         scores = {t: {} for t in r.targets}
         seconds = result["seconds"][var] = {}
         for ev in r.evaluators:
             t0 = time.perf_counter()
-            by_target, examples = EVALUATORS[ev](ws, r, m, params, prompts, dtype)
+            by_target, examples = EVALUATORS[ev](ws, r, m, params, ask, dtype)
             for t, v in by_target.items():
                 scores[t][ev] = v
             if examples is not None:
-                result.setdefault("examples", {})[var] = examples
+                result.setdefault("examples", {}).setdefault(var, {})[ev] = examples
             seconds[ev] = time.perf_counter() - t0
         result["variants"][var] = scores
     return result

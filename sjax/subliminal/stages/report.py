@@ -1,6 +1,7 @@
 """Stage 6: the results. Per target, variant and evaluator, each condition's mean with a
-95% CI over the questions, and trait-vs-control comparisons; `results.json`, `report.md`
-and `results.png`. No model work: process 0's files only."""
+95% CI (over seeds for students, over questions for one model), and each target's lift
+with the trained student as the unit; `results.json`, `report.md` and `results.png`. No
+model work: process 0's files only."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class Reads:
     seeds: tuple[int, ...]  # student.seeds
     control: bool  # student.control
     lora_init: str  # student.lora_init
+    init_seeds: tuple[int, ...]  # each seed's LoRA initialisation
+    teacher_init_seed: int  # a fine-tuned LoRA teacher's initialisation, else -1
     eval_teachers: bool
     teacher_kind: str
     train_mode: str  # student.train.mode
@@ -35,8 +38,13 @@ class Reads:
 
 def reads(cfg: RunConfig) -> Reads:
     t = cfg.student.train
+    ft = cfg.teacher.ft_train
+    lora_teacher = cfg.teacher.kind == "finetuned" and ft.mode == "lora"
     return Reads(cfg.name, cfg.model.name or cfg.model.path, cfg.targets, cfg.student.seeds,
-                 cfg.student.control, cfg.student.lora_init, cfg.eval.teachers,
+                 cfg.student.control, cfg.student.lora_init,
+                 tuple(cfg.student_init_seed(k) for k in cfg.student.seeds)
+                 if t.mode == "lora" else (),
+                 ft.lora_init_seed if lora_teacher else -1, cfg.eval.teachers,
                  cfg.teacher.kind, t.mode, t.loss, cfg.eval.samples, cfg.eval.temperature)
 
 
@@ -79,8 +87,10 @@ def summarize(r: Reads, evals: dict[str, dict]) -> dict:
     is one target) with the trained student as the unit: Welch CI over seeds, a
     permutation test over student labels and the smallest lift the design could detect
     (80% power); the same paired over questions (secondary). With several targets, the
-    pooled lift over all targets by permutation. Holm-adjusted p over every run-level test
-    the report shows."""
+    pooled lift over all targets by permutation: the run-level test.
+
+    The hypothesis has a direction (a target's students name it more), so p is one-sided
+    (`p_greater`, two-sided also kept), and Holm adjusts every run-level test shown."""
     rows, comparisons, pooled = [], [], []
     any_eval = next(iter(evals.values()))
     groups = [*r.targets, *([CONTROL] if r.control else [])]
@@ -112,8 +122,8 @@ def summarize(r: Reads, evals: dict[str, dict]) -> dict:
                 perm = stats.permutation_test(by_t, labels, stats.pooled_lift)
                 pooled.append({"variant": var, "evaluator": ev, "metric": metric(ev),
                                "lift": perm["stat"], "permutation": perm})
-    tests = [c["permutation"]["p_two_sided"] for c in comparisons] + \
-        [p["permutation"]["p_two_sided"] for p in pooled]
+    tests = [c["permutation"]["p_greater"] for c in comparisons] + \
+        [p["permutation"]["p_greater"] for p in pooled]
     for c, p_adj in zip([*comparisons, *pooled], stats.holm(tests)):
         c["p_holm"] = p_adj
     return {"rows": rows, "comparisons": comparisons, "pooled": pooled,
@@ -128,7 +138,7 @@ def compare(r: Reads, target: str, var: str, ev: str, students, q) -> dict:
            "against": "other-target students" if len(r.targets) > 1 else "control students",
            "seeds": list(r.seeds)}
     if not others:
-        return out | {"permutation": {"p_two_sided": float("nan")}}
+        return out | {"permutation": {"p_greater": float("nan")}}
     theirs = np.concatenate([students(g, target) for g in others])
     a = np.asarray([unit_value(x, ev) for x in mine])
     b = np.asarray([unit_value(x, ev) for x in theirs])
@@ -136,8 +146,10 @@ def compare(r: Reads, target: str, var: str, ev: str, students, q) -> dict:
     labels = np.asarray([1] * len(a) + [0] * len(b))
     perm = stats.permutation_test(np.concatenate([a, b]), labels,
                                   functools.partial(stats.symmetric_lift, target=1))
-    mde = (stats.min_detectable(lift["se"], lift["df"])
-           if np.isfinite(lift.get("df", np.nan)) else float("nan"))
+    # one-sided at 0.05 with 80% power; none at all when no labeling reaches 0.05
+    mde = (float("inf") if perm["p_min"] > 0.05 else
+           stats.min_detectable(lift["se"], lift["df"], alpha=0.1)
+           if np.isfinite(lift["df"]) else float("nan"))
     base = unit_value(q("base", target), ev)
     return out | {
         "unit_values": a.tolist(), "comparison_values": b.tolist(), "base_value": base,
@@ -158,17 +170,20 @@ def tables(rows: list[dict], comparisons: list[dict], pooled: list[dict]) -> str
     done = [c for c in comparisons if "lift" in c]
     comp = report.markdown_table(
         ("target", "variant", "evaluator", "metric", "lift over " + (
-            done[0]["against"] if done else "comparison"), "per-seed values",
-         "permutation p", "Holm p", "detectable lift (80%)", "over questions"),
+            done[0]["against"] if done else "comparison") + " [95% CI over seeds]",
+         "per-seed values", "p (one-sided; floor)", "Holm p", "detectable lift (80%)",
+         "over questions (secondary)"),
         [(c["target"], c["variant"], c["evaluator"], c["metric"], diff(c["lift"]),
           ", ".join(f"{v:.3f}" for v in c["unit_values"]),
-          f"{c['permutation']['p_two_sided']:.3g} (min {2 * c['permutation']['p_min']:.2g})",
+          f"{c['permutation']['p_greater']:.3g} ({c['permutation']['p_min']:.2g})",
           f"{c['p_holm']:.3g}", f"{c['min_detectable_lift']:.3g}",
           diff(c["over_questions"])) for c in done])
     pool = report.markdown_table(
-        ("variant", "evaluator", "metric", "pooled lift", "permutation p", "Holm p"),
+        ("variant", "evaluator", "metric", "pooled lift (run-level test)",
+         "p (one-sided; floor)", "Holm p"),
         [(p["variant"], p["evaluator"], p["metric"], f"{p['lift']:+.3g}",
-          f"{p['permutation']['p_two_sided']:.3g}", f"{p['p_holm']:.3g}") for p in pooled]
+          f"{p['permutation']['p_greater']:.3g} ({p['permutation']['p_min']:.2g})",
+          f"{p['p_holm']:.3g}") for p in pooled]
     ) if pooled else ""
     return table + "\n" + comp + ("\n" + pool if pool else "")
 
@@ -186,30 +201,47 @@ def render(r: Reads, res: dict) -> str:
     if r.lora_init != "seed":
         notes.append(f"Student LoRA initialisation: `{r.lora_init}` (teacher: the fine-tuned "
                      "teacher's own initialisation; other: guaranteed different).")
+    elif r.teacher_init_seed >= 0 and r.teacher_init_seed in r.init_seeds:
+        same = [s for s, i in zip(r.seeds, r.init_seeds) if i == r.teacher_init_seed]
+        notes.append(f"Students of seed {same} start from the fine-tuned teacher's own LoRA "
+                     "initialisation and the others do not (`student.lora_init=seed`): set "
+                     "`teacher` or `other` to compare like with like.")
+    if r.teacher_kind == "finetuned" and r.eval_teachers:
+        notes.append("The fine-tuned teachers were trained on trait questions disjoint from "
+                     "the evaluation's (prompts/teacher_questions.json): their rows measure "
+                     "generalisation to the evaluation's wordings.")
+    if not r.control and r.teacher_kind == "finetuned" and r.train_loss == "distill":
+        notes.append("No control students: a control teacher (the base) is identical to a "
+                     "student at its start (B = 0), so their KL and every gradient are "
+                     "exactly zero and the student stays the base, shown as `base`.")
     return (f"Model `{r.model}`, targets {', '.join(r.targets)}, teacher {r.teacher_kind}, "
             f"student {r.train_mode} / {r.train_loss}, seeds {list(r.seeds)}.\n\n"
             f"Scores are per-question probabilities of naming the target (exact: first word, "
             f"teacher-forced; sampled: {r.samples} answers at temperature "
             f"{r.temperature}). The unit of the lift tests is the trained student (one value "
-            f"per seed: mean log P over the questions for exact, the rate for sampled); "
-            f"permutation p is two-sided over student labels (min: the design's floor), Holm "
-            f"over every test shown; the question-paired test is secondary.\n\n"
+            f"per seed: mean log P over the questions for exact, the rate for sampled); p is "
+            f"a one-sided permutation test over student labels (in brackets its floor, the "
+            f"smallest p the design can give), Holm-adjusted over every test shown; the "
+            f"pooled lift over all targets is the run-level test; the question-paired test is "
+            f"secondary. A detectable lift of inf means no labeling can reach p < 0.05.\n\n"
             + "".join(f"{n}\n\n" for n in notes)
             + f"{res['table']}\n## Data\n{filt}\n\nStage times: {secs}.\n")
 
 
 def effect_plot(path: Path, r: Reads, res: dict) -> None:
     """The effect the reader looks for: each target's lift per seed (dots) with its 95% CI
-    over seeds (bar), per variant and evaluator, in the metric's units (nats of log P for
-    the exact evaluator: a log scale)."""
-    done = [c for c in res["comparisons"] if "lift" in c]
-    labels = [f"{c['target']} {c['variant']} {c['evaluator']}" for c in done]
-    points = [[v - float(np.mean(c["comparison_values"])) for v in c["unit_values"]]
-              for c in done]
-    report.effect_chart(path, labels, [c["lift"] for c in done], points,
-                        f"{r.name}: lift of each target's students over "
-                        f"{done[0]['against'] if done else 'comparison'}",
-                        "lift (mean log P, nats; rate for sampled)")
+    over seeds (bar), one panel per evaluator (its own units: nats of mean log P for the
+    exact evaluator, a log scale; the hit rate for sampled answers)."""
+    panels = []
+    for ev in dict.fromkeys(c["evaluator"] for c in res["comparisons"] if "lift" in c):
+        done = [c for c in res["comparisons"] if "lift" in c and c["evaluator"] == ev]
+        panels.append(report.Panel(
+            [f"{c['target']} {c['variant']}" for c in done], [c["lift"] for c in done],
+            [[v - float(np.mean(c["comparison_values"])) for v in c["unit_values"]]
+             for c in done],
+            f"{ev}: lift over {done[0]['against']}",
+            "lift in mean log P (nats)" if ev == "exact" else "lift in hit rate"))
+    report.effect_chart(path, panels, f"{r.name}: each target's students minus the others")
 
 
 STAGE = Stage("report", reads, run)

@@ -26,6 +26,7 @@ class FinetuneReads:
     evaluation's sampling settings and the numbers seed, then trains."""
 
     model: ModelConfig
+    questions: tuple[str, ...]  # prompts/teacher_questions.json: its contents key the teacher
     samples: int  # teacher.ft_samples
     train: TrainConfig  # teacher.ft_train
     max_new_tokens: int  # eval.max_new_tokens
@@ -44,7 +45,8 @@ class Reads:
 def reads(cfg: RunConfig) -> Reads:
     ft = None
     if cfg.teacher.kind == "finetuned":
-        ft = FinetuneReads(cfg.model, cfg.teacher.ft_samples, cfg.teacher.ft_train,
+        ft = FinetuneReads(cfg.model, tuple(prompts.teacher_questions()),
+                           cfg.teacher.ft_samples, cfg.teacher.ft_train,
                            cfg.eval.max_new_tokens, cfg.eval.batch, cfg.numbers.seed)
     return Reads(cfg.targets, cfg.category, cfg.teacher.kind, ft)
 
@@ -70,7 +72,7 @@ def finetune(ws: Workspace, r: FinetuneReads, target: str, prompt: str,
     final = folder / "params.safetensors"
     ws.writer.mkdir(folder)  # before any process's fit, which makes folder/train
     if not ws.done(final):
-        qs = prompts.teacher_questions()  # disjoint from the 50 the evaluation asks
+        qs = r.questions  # disjoint from the 50 the evaluation asks
         chat_prompts = [chat.encode_prompt(m.tokenizer, chat.messages(q, prompt)) for q in qs]
         answers = evaluators.sampled_answers(
             m.params, m.arch, m.tokenizer, chat_prompts, samples=r.samples,
