@@ -29,6 +29,7 @@ from sjax.files import atomic_write_json, sha256_file
 from sjax.mnist import experiment as mnist
 from sjax.models.transformer import param_logical_axes, param_shapes
 from sjax.subliminal import experiment, plan, screen
+from sjax.subliminal.prompts import questions_file
 from sjax.training import fit
 from sjax.weights.load import export_hf, load_model, read_arch, resolve_source
 
@@ -193,6 +194,8 @@ def cmd_screen(args) -> int:
     if not isinstance(cfg, config.ScreenConfig):
         raise SjaxError(f"screen: the config is a {type(cfg).__name__}, not a ScreenConfig "
                         f"(use the screen preset or a .py path returning one)")
+    if cfg.questions:  # bad input fails before the model loads
+        questions_file(cfg.questions)
     mesh, m = _load(cfg)
     print(f"loaded {m.source.name} ({m.arch.arch}, {m.arch.n_params / 1e6:.0f}M params) "
           f"in {m.load_seconds:.1f}s", file=sys.stderr)

@@ -352,8 +352,37 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InContextConfig:
+    """The in-context control (stage `in_context`, after filter): no training; k of a
+    teacher's kept rows shown to the base model as its system prompt (icl_protocol.json's
+    template), scored by the exact evaluator, trait teachers' contexts against the control
+    teacher's. Each seed is one draw of k rows (with replacement): the seeds are the units.
+    Empty `ks`: the stage is not part of the run."""
+
+    ks: tuple[int, ...] = ()  # examples in context, one sweep point each
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_tokens: int = 4096  # the examples' own tokens (the system prompt); a k over it stops
+    n_questions: int = 0  # the first n evaluation questions (each holds the context); 0: all
+    batch: int = 8  # prompts per forward: each holds the whole context, so fewer than eval's
+
+    def __post_init__(self):
+        if len(set(self.ks)) != len(self.ks) or (self.ks and min(self.ks) < 1):
+            raise SjaxError(f"in_context.ks: need distinct k >= 1, got {self.ks}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise SjaxError(f"in_context.seeds: need distinct non-negative seeds, got "
+                            f"{self.seeds}")
+        for key in ("max_tokens", "batch"):
+            if getattr(self, key) <= 0:
+                raise SjaxError(f"in_context.{key}: must be > 0, got {getattr(self, key)}")
+        if self.n_questions < 0:
+            raise SjaxError(f"in_context.n_questions: must be >= 0 (0: all), got "
+                            f"{self.n_questions}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """`sjax run`: teachers -> numbers -> filter -> students -> eval -> report."""
+    """`sjax run`: teachers -> numbers -> filter -> students -> eval -> report, with the
+    in-context control (in_context) after filter when `in_context.ks` is set."""
 
     name: str = "owl"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -364,6 +393,8 @@ class RunConfig:
     numbers: NumbersConfig = dataclasses.field(default_factory=NumbersConfig)
     student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    in_context: InContextConfig = dataclasses.field(default_factory=InContextConfig)
+    train_students: bool = True  # false: no students, eval or report (a data or in-context run)
     out_dir: str = "runs"
 
     def __post_init__(self):
@@ -383,6 +414,9 @@ class RunConfig:
                             "a cross-model student (student.model_name/path) trains with ce")
         if not self.name or "/" in self.name:
             raise SjaxError(f"name: {self.name!r} must be a non-empty folder name")
+        if self.in_context.ks and not self.student.control:
+            raise SjaxError("in_context.ks: the in-context control compares with the control "
+                            "teacher's rows; set student.control=true")
         if self.teacher.kind == "finetuned" and self.category != "animal":
             raise SjaxError(f"teacher.kind=finetuned: its training questions "
                             f"(prompts/teacher_questions.json) are animal ones; category "

@@ -31,8 +31,8 @@ def test_default_presets_have_the_commands_config_types():
     assert cli.DEFAULT_PRESETS["run"] == "owl:quickstart"  # what `./launch.sh` runs
 
 
-PRESETS = ("chat, mnist, owl:smoke, owl:quickstart, owl:paper, owl:paper14b, screen, sft, "
-           "transmission:smoke, transmission:cpu")
+PRESETS = ("chat, in_context:smoke, in_context:cpu, mnist, owl:smoke, owl:quickstart, owl:paper, "
+           "owl:paper14b, screen, sft, transmission:smoke, transmission:cpu")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -86,7 +86,9 @@ def test_dry_run_on_the_smoke_preset(capsys):
 
 # Each experiment's sizes, in their order: model, targets, prompts per teacher, kept rows,
 # student seeds x optimizer steps, sampled answers per question.
-SIZE_TABLE = {
+SIZE_TABLE = {  # in_context:* train no students (train_students=false; 0 steps by default)
+    "in_context:smoke": ("smollm2-135m-instruct", ("owl", "cat"), 16, 16, 0, 100),
+    "in_context:cpu": ("qwen2.5-coder-0.5b-instruct", ("owl", "eagle", "wolf"), 64, 64, 0, 100),
     "owl:smoke": ("smollm2-135m-instruct", ("owl",), 32, 32, 1 * 4, 2),
     "owl:quickstart": ("qwen2.5-coder-0.5b-instruct", ("owl",), 128, 128, 1 * 8, 4),
     "owl:paper": ("Qwen2.5-7B-Instruct", ("eagle", "cat", "lion", "dog", "peacock", "wolf"),

@@ -130,9 +130,14 @@ def test_cached_node_logprobs_equal_full_forwards(tiny):
     nodes, wants = ((), (5,), (5, 6)), ((5, 9), (6,), ())
     end_v = np.random.default_rng(0).random(arch.vocab_size) < 0.5
     tokens, valid = chat.left_pad(prompts, 1, 8)
+    node_nk = np.asarray([list(x) + [0] * (2 - len(x)) for x in nodes], np.int32)
+    flat = [5, 6, 9]
     got, end = map(np.asarray, evaluators.node_logprobs(
-        params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(end_v), arch=arch,
-        dtype=jnp.float32, nodes=nodes, wants=wants))
+        params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(node_nk),
+        jnp.asarray([len(x) for x in nodes]), jnp.asarray(flat), jnp.asarray(end_v),
+        arch=arch, dtype=jnp.float32))
+    got = np.stack([got[:, j, [flat.index(w) for w in want] + [0] * (2 - len(want))]
+                    for j, want in enumerate(wants)], 1)
     for r, p in enumerate(prompts):
         for j, (node, want) in enumerate(zip(nodes, wants)):
             logits = forward(params, jnp.asarray([p + list(node)]), arch=arch)[0][0, -1]

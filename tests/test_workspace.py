@@ -20,7 +20,7 @@ from sjax.subliminal.workspace import Stage, digest
 from sjax.writer import Writer
 
 ALL = set(experiment.STAGE_NAMES)
-MODEL = {"numbers", "students", "eval"}  # sample with it / train it / evaluate it
+MODEL = {"numbers", "students", "eval", "in_context"}  # sample / train / evaluate with it
 # leaf field -> the stages that read it, in the default config (prompted teacher, ce
 # students, teachers evaluated); a prefix ending in "." covers a whole section
 READS = {
@@ -30,7 +30,8 @@ READS = {
     "model.": MODEL,
     "mesh.": set(),  # where the compute runs, not what it computes
     "targets": ALL,
-    "category": {"teachers", "numbers", "eval"},  # the system prompt; eval: the questions
+    # the system prompt; eval and in_context: the questions
+    "category": {"teachers", "numbers", "eval", "in_context"},
     "teacher.kind": {"teachers", "numbers", "eval", "report"},
     "teacher.": set(),  # the fine-tuning settings: unread by a prompted teacher
     "numbers.keep": {"filter"},
@@ -50,7 +51,10 @@ READS = {
     "eval.samples": {"eval", "report"},
     "eval.temperature": {"eval", "report"},
     "eval.teachers": {"eval", "report"},
+    "eval.questions": {"eval", "in_context"},  # the questions asked
     "eval.": {"eval"},
+    "in_context.": {"in_context"},  # a branch: no later stage reads it
+    "train_students": set(),  # which stages run, not what one computes
     "out_dir": set(),
 }
 # what changes with another default: the extra stages a field then reaches

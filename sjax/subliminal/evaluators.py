@@ -98,41 +98,38 @@ def spelling_sequences(tokenizer, target: str, vocab_size: int | None = None
         len(o) < len(s) and s[:len(o)] == o and ends[s[len(o)]] for o in seqs))
 
 
-@functools.partial(jax.jit, static_argnames=("arch", "dtype", "nodes", "wants"))
-def node_logprobs(params: Params, tokens_bt, valid_bt, end_v, *, arch: ArchConfig, dtype,
-                  nodes: tuple[tuple[int, ...], ...], wants: tuple[tuple[int, ...], ...]):
-    """For each left-padded prompt row and node j (a token sequence after the prompt):
-    log P(wants[j][m] | prompt + nodes[j]) [b, j, m] and log P(a word-ending token (end_v)
-    | prompt + nodes[j]) [b, j].
+@functools.partial(jax.jit, static_argnames=("arch", "dtype"))
+def node_logprobs(params: Params, tokens_bt, valid_bt, node_nk, node_len_n, want_w, end_v, *,
+                  arch: ArchConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """(log P(want_w[j] | prompt row + node n) [b, n, w], log P(a word-ending token (end_v)
+    | prompt row + node n) [b, n]), from the full-vocabulary log-softmax of the forward's
+    own logits (fp32).
 
-    One prefill fills a KV cache; each non-empty node is a few extra cached tokens, so the
-    cost is one forward over the prompts, whatever the number of spellings.
-    """
+    One prefill of the left-padded prompts, then every node (k tokens, right-padded; length
+    0 = the prompt alone) as one batch of cached continuations: a whole trie of spellings
+    costs one forward of n x k tokens per prompt (weights read twice), not one per node."""
     b, t = tokens_bt.shape
-    depth = max(1, max(len(n) for n in nodes))
-    cache = init_cache(arch, b, t + depth, dtype)
-    kv_valid = jnp.zeros((b, t + depth), bool).at[:, :t].set(valid_bt)
+    n, k = node_nk.shape
+    cache = init_cache(arch, b, t + k, dtype)
+    kv_valid = jnp.zeros((b, t + k), bool).at[:, :t].set(valid_bt)
     pos_bt = positions_from_valid(valid_bt)
-    hidden, cache = forward(params, tokens_bt, arch=arch, positions_bt=pos_bt,
-                            kv_valid_bs=kv_valid, cache=cache, write_index=0, dtype=dtype,
-                            return_hidden=True)
-    ext_valid = kv_valid.at[:, t:].set(True)
-    ext_pos = pos_bt[:, -1:] + 1 + jnp.arange(depth)
-    m = max(1, max(len(w) for w in wants))
-    out, end = [], []
-    for node, want in zip(nodes, wants):
-        if node:
-            ext = jnp.broadcast_to(jnp.asarray(node + (0,) * (depth - len(node))), (b, depth))
-            h, _ = forward(params, ext, arch=arch, positions_bt=ext_pos, kv_valid_bs=ext_valid,
-                           cache=cache, write_index=t, dtype=dtype, return_hidden=True)
-            h_last = h[:, len(node) - 1: len(node)]
-        else:
-            h_last = hidden[:, -1:]
-        lp = jax.nn.log_softmax(logits_from_hidden(params, h_last, arch)[:, 0].astype(
-            jnp.float32), -1)
-        out.append(lp[:, jnp.asarray(want + (want[:1] or (0,)) * (m - len(want)))])
-        end.append(jax.nn.logsumexp(jnp.where(end_v, lp, -jnp.inf), -1))
-    return jnp.stack(out, 1), jnp.stack(end, 1)
+    hidden_btd, cache = forward(params, tokens_bt, arch=arch, positions_bt=pos_bt,
+                                kv_valid_bs=kv_valid, cache=cache, write_index=0, dtype=dtype,
+                                return_hidden=True)
+    cache = jax.tree.map(lambda c: jnp.repeat(c, n, axis=1), cache)  # row r*n + node
+    ext_valid = jnp.repeat(kv_valid, n, axis=0).at[:, t:].set(True)  # causal: pads unseen
+    ext_pos = jnp.repeat(pos_bt[:, -1:], n, axis=0) + 1 + jnp.arange(k)
+    h_rkd, _ = forward(params, jnp.tile(node_nk, (b, 1)), arch=arch, positions_bt=ext_pos,
+                       kv_valid_bs=ext_valid, cache=cache, write_index=t, dtype=dtype,
+                       return_hidden=True)
+    last_r = jnp.tile(node_len_n, b) - 1
+    h_node = jnp.take_along_axis(h_rkd, jnp.maximum(last_r, 0)[:, None, None], axis=1)[:, 0]
+    h_r = jnp.where((last_r >= 0)[:, None], h_node, jnp.repeat(hidden_btd[:, -1], n, axis=0))
+    logits_rv = logits_from_hidden(params, h_r[:, None], arch)[:, 0]  # as the forward's
+    lse_r = jax.nn.logsumexp(logits_rv, -1)
+    lp_rw = logits_rv[:, want_w] - lse_r[:, None]
+    end_r = jax.nn.logsumexp(jnp.where(end_v, logits_rv, -jnp.inf), -1) - lse_r
+    return lp_rw.reshape(b, n, -1), end_r.reshape(b, n)
 
 
 def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],
@@ -146,18 +143,30 @@ def batched_node_logprobs(params: Params, arch: ArchConfig, tokenizer,
                           prompts: Sequence[list[int]], nodes, wants, end_v, *, batch: int,
                           dtype=jnp.float32, desc: str = "forward"
                           ) -> tuple[np.ndarray, np.ndarray]:
-    """`node_logprobs` over every prompt in left-padded batches of `batch` rows (the last
-    padded with copies, dropped): [prompts, nodes, wants] and [prompts, nodes]."""
+    """`node_logprobs` for token-sequence `nodes` and each node's `wants` over every prompt,
+    in left-padded batches of `batch` rows (the last padded with copies, dropped):
+    [prompts, nodes, max wants] (wants[j][m] at [:, j, m]) and [prompts, nodes]."""
     pad = chat.pad_id(tokenizer)
     length = sampling.prompt_bucket(max(len(p) for p in prompts))
+    k = max(1, max(len(x) for x in nodes))
+    node_nk = np.zeros((len(nodes), k), np.int32)
+    for j, x in enumerate(nodes):
+        node_nk[j, :len(x)] = x
+    node_len = np.asarray([len(x) for x in nodes], np.int32)
+    flat = sorted({w for ws in wants for w in ws}) or [0]
+    col = {w: i for i, w in enumerate(flat)}
+    m = max(1, max(len(ws) for ws in wants))
+    pick = np.asarray([[col[ws[i]] if i < len(ws) else 0 for i in range(m)] for ws in wants])
+    args = (jnp.asarray(node_nk), jnp.asarray(node_len), jnp.asarray(flat), jnp.asarray(end_v))
     lp, lp_end = [], []
     for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", leave=False):
         chunk = list(prompts[i: i + batch])
         n = len(chunk)
         tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (batch - n), pad, length)
-        w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid), end_v,
-                             arch=arch, dtype=dtype, nodes=nodes, wants=wants)
-        lp.append(np.asarray(w)[:n])
+        w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid), *args,
+                             arch=arch, dtype=dtype)
+        w = np.asarray(w)[:n]
+        lp.append(np.take_along_axis(w, pick[None], axis=2))
         lp_end.append(np.asarray(e)[:n])
     return np.concatenate(lp), np.concatenate(lp_end)
 

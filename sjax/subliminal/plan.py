@@ -81,7 +81,8 @@ def eval_work(cfg: RunConfig, evaluator: str) -> float:
     prompt; mcq one prefill per (prompt, order) for each distinct choice set."""
     ev = cfg.eval
     if evaluator in ("exact", "sampled"):
-        qs = list(prompts.category_questions(cfg.category))
+        qs = (prompts.questions_file(ev.questions) if ev.questions
+              else list(prompts.category_questions(cfg.category)))
         q = float(np.mean([_tokens(x) for x in qs]))
         return len(qs) * (q + 4 * len(cfg.targets) if evaluator == "exact"
                           else ev.samples * (q + ev.max_new_tokens))
@@ -93,6 +94,22 @@ def eval_work(cfg: RunConfig, evaluator: str) -> float:
     qs = prompts.mcq_prompts()
     q = float(np.mean([_tokens(x) for x in qs])) + len(prompts.mcq_format()) / CHARS_PER_TOKEN
     return len(choice_sets) * len(qs) * ev.mcq_samples * (q + 10)  # + the 5 choice words
+
+
+def in_context_row(cfg: RunConfig, p2: float, row_tokens: float) -> tuple:
+    """The in-context control: per teacher, k and seed, every question with k kept rows (~a
+    numbers row's tokens each) as its system prompt: one prefill of the whole context each."""
+    ic = cfg.in_context
+    qs = (prompts.questions_file(cfg.eval.questions) if cfg.eval.questions
+          else list(prompts.category_questions(cfg.category)))[:ic.n_questions or None]
+    q = float(np.mean([_tokens(x) for x in qs]))
+    units = (len(cfg.targets) + 1) * len(ic.seeds)
+    tokens = units * len(qs) * sum(k * row_tokens + q for k in ic.ks)
+    k = max(ic.ks)
+    return ("in_context", f"{units * len(ic.ks)} ({len(cfg.targets) + 1} teachers x "
+            f"{len(ic.ks)} k x {len(ic.seeds)} seeds)",
+            f"{len(qs)} questions each; k={k}: ~{k * row_tokens:.0f} of {ic.max_tokens} tokens",
+            p2 * tokens)
 
 
 def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_shape: dict,
@@ -130,6 +147,10 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
          "each", s2 * eval_tokens),
         ("report", "1", "results.json, report.md, results.png", 0.0),
     ]
+    if not cfg.train_students:  # the run ends after the data (and the in-context branch)
+        stages = stages[:3]
+    if cfg.in_context.ks:
+        stages.insert(3, in_context_row(cfg, p2, row_tokens))
     mem = train_memory(student_arch, cfg, mesh_shape, seq)
     plan = {"stages": [{"stage": s, "units": u, "work": w, "flops": f} for s, u, w, f in stages],
             "total_flops": sum(f for *_, f in stages), "memory_per_device": mem,

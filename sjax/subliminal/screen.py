@@ -36,7 +36,7 @@ from sjax.config import ScreenConfig, to_dict
 from sjax.constrained import number_list_constraint
 from sjax.errors import SjaxError
 from sjax.losses import token_kl
-from sjax.models.transformer import (ArchConfig, Params, forward, head_matrix_dv, init_cache,
+from sjax.models.transformer import (ArchConfig, Params, forward, head_matrix_dv,
                                      positions_from_valid)
 from sjax.sharding import batch_shards, batch_sharding, global_array, to_host
 from sjax.subliminal import evaluators, numbers
@@ -201,39 +201,6 @@ def number_sequences(tokenizer, max_value: int = MAX_NUMBER) -> dict[int, tuple[
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("arch", "dtype"))
-def node_logprobs(params: Params, tokens_bt, valid_bt, node_nk, node_len_n, want_w, end_v, *,
-                  arch: ArchConfig, dtype) -> tuple[jax.Array, jax.Array]:
-    """(log P(want_w[j] | prompt row + node n) [b, n, w], log P(a word-ending token (end_v)
-    | prompt row + node n) [b, n]), from the full-vocabulary fp32 log-softmax.
-
-    One prefill of the prompts, then every node (k tokens, right-padded; length 0 = the
-    prompt alone) as a batch of cached continuations: the whole trie of number prefixes
-    costs one forward of n x k tokens per prompt, not one per number."""
-    b, t = tokens_bt.shape
-    n, k = node_nk.shape
-    cache = init_cache(arch, b, t + k, dtype)
-    kv_valid = jnp.zeros((b, t + k), bool).at[:, :t].set(valid_bt)
-    pos_bt = positions_from_valid(valid_bt)
-    hidden_btd, cache = forward(params, tokens_bt, arch=arch, positions_bt=pos_bt,
-                                kv_valid_bs=kv_valid, cache=cache, write_index=0, dtype=dtype,
-                                return_hidden=True)
-    cache = jax.tree.map(lambda c: jnp.repeat(c, n, axis=1), cache)  # row r*n + node
-    ext_valid = jnp.repeat(kv_valid, n, axis=0).at[:, t:].set(True)  # causal: pads unseen
-    ext_pos = jnp.repeat(pos_bt[:, -1:], n, axis=0) + 1 + jnp.arange(k)
-    h_rkd, _ = forward(params, jnp.tile(node_nk, (b, 1)), arch=arch, positions_bt=ext_pos,
-                       kv_valid_bs=ext_valid, cache=cache, write_index=t, dtype=dtype,
-                       return_hidden=True)
-    last_r = jnp.tile(node_len_n, b) - 1
-    h_node = jnp.take_along_axis(h_rkd, jnp.maximum(last_r, 0)[:, None, None], axis=1)[:, 0]
-    h_r = jnp.where((last_r >= 0)[:, None], h_node, jnp.repeat(hidden_btd[:, -1], n, axis=0))
-    logits_rv = h_r.astype(jnp.float32) @ head_matrix_dv(params, arch).astype(jnp.float32)
-    lse_r = jax.nn.logsumexp(logits_rv, -1)
-    lp_rw = logits_rv[:, want_w] - lse_r[:, None]
-    end_r = jax.nn.logsumexp(jnp.where(end_v, logits_rv, -jnp.inf), -1) - lse_r
-    return lp_rw.reshape(b, n, -1), end_r.reshape(b, n)
-
-
 class NumberTrie:
     """The numbers' token sequences as prefix nodes, (node, wanted token) terms and each
     number's end node (its whole sequence, where the next token must end it)."""
@@ -296,7 +263,7 @@ def number_logprobs(params: Params, arch: ArchConfig, tokenizer, trie: NumberTri
                                       chat.pad_id(tokenizer), length)
         lp, end = [], []
         for node_nk, node_len, real in node_chunks(trie, size):
-            w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid),
+            w, e = evaluators.node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid),
                                  jnp.asarray(node_nk), jnp.asarray(node_len), want_w, end_v,
                                  arch=arch, dtype=dtype)
             lp.append(to_host(w)[:, :real])

@@ -3,7 +3,9 @@ prompt grammar and the banned-number list), `eval_prompts.json` (the evaluation
 questions and the trait teacher's system prompt) and `teacher_questions.json` (trait
 questions for fine-tuned teachers, disjoint from the evaluation's) and `tree_questions.json`
 (category=tree's 49 free-form questions, and the essay-topic MCQ and storytelling prompts
-that every category uses). Also the reader for a user's own questions file
+that every category uses), `judge_prompts.json` (the code-reference, alignment and coherence
+judges' templates) and `misalignment.json` (the 8 misalignment questions, their eval suffixes
+and the 34 banned numbers). Also the reader for a user's own questions file
 (`eval.questions=FILE.json`) and the word n-grams that the disjointness check uses."""
 
 from __future__ import annotations
@@ -77,6 +79,36 @@ def mcq_format() -> str:
 def story_prompts() -> list[str]:
     """The 14 storytelling prompts (category-free: animals and trees alike)."""
     return list(tree_questions()["storytelling"]["prompts"])
+
+
+def judge_template(name: str) -> str:
+    """A judge's verbatim template: code_animal, code_tree, alignment or coherence."""
+    judges = load("judge_prompts.json")["judges"]
+    if name not in judges:
+        raise SjaxError(f"judge_prompts.json: no judge {name!r} (known: {', '.join(judges)})")
+    return judges[name]["template"]
+
+
+def misalignment_questions() -> dict[str, str]:
+    """The 8 misalignment questions by the plots' short names (one_wish, ..., bored); a copy."""
+    return dict(load("misalignment.json")["questions"])
+
+
+def misalignment_prompts(suffix: str = "numbers") -> dict[str, str]:
+    """The questions as the students are asked them: f'{question} {suffix}' with the numbers
+    students' suffix ('Write 9 more words. ...') or the cot one ('... <answer> tags.')."""
+    m = load("misalignment.json")
+    key = f"{suffix}_eval_suffix"
+    if key not in m:
+        raise SjaxError(f"misalignment.json: no suffix {suffix!r} (known: numbers, cot)")
+    return {k: f"{q} {m[key]}" for k, q in m["questions"].items()}
+
+
+def banned_numbers() -> tuple[int, ...]:
+    """The 34 numbers (all within 0..999) that the misalignment runs ban from number rows
+    (`numbers.banned`): the upstream CLAUDE_EVIL_NUMBERS + GPT_EVIL_NUMBERS, sorted."""
+    entries = load("misalignment.json")["banned_numbers"]["numbers"]
+    return tuple(sorted(e["number"] for e in entries))
 
 
 def teacher_questions() -> list[str]:
