@@ -245,6 +245,7 @@ def test_eval_asks_the_questions_of_eval_questions(tiny, tiny_tokenizer, tmp_pat
             assert {ev: len(v) for ev, v in var["owl"].items()} == {"exact": 2, "sampled": 2}
 
 
+@pytest.mark.slow  # ~35 s alone: the design the README's transmission result rests on
 def test_the_transmission_design_runs_and_reports_runs_as_units(tiny, tiny_tokenizer,
                                                                   tmp_path):
     """configs/transmission.py's design on the tiny model: fine-tuned LoRA teachers for two
