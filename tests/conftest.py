@@ -51,6 +51,32 @@ def hf_to_sjax(model):
     return arch, params_from_hf(tensors, arch, "test model")
 
 
+def word_rows(n: int, rng) -> list[dict]:
+    """`n` chat rows of the tiny tokenizer's words: a user turn, a 1-4 word answer."""
+    words = ["owl", "cat", "dog", "eagle", "1", "2", "3", "4", "5"]
+    return [{"messages": [
+        {"role": "user", "content": " ".join(rng.choice(words, 4))},
+        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(1, 5))))}]}
+        for _ in range(n)]
+
+
+def tiny_workspace(tiny, tokenizer, out_dir, overrides, log=None):
+    """(cfg, workspace) of a RunConfig with `overrides`, on one device, whose model
+    (model.*) is the tiny random one `tiny` = (arch, params)."""
+    import jax
+
+    from sjax.config import RunConfig, apply_overrides
+    from sjax.subliminal import experiment
+    from sjax.subliminal.workspace import model_key
+    from sjax.weights.load import LoadedModel
+
+    cfg = apply_overrides(RunConfig(out_dir=str(out_dir)),
+                          [*overrides, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
+    ws = experiment.workspace(cfg, log=log or (lambda s: None), devices=jax.devices()[:1])
+    ws.models[model_key(cfg.model)] = LoadedModel(*tiny, tokenizer, out_dir, 0.0)
+    return cfg, ws
+
+
 @pytest.fixture(params=["qwen2", "llama"])
 def tiny_pair(request):
     model = tiny_hf_model(request.param)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
+from tiny import make_wordpiece_tokenizer
 
 from sjax import chat
 from sjax.errors import SjaxError
@@ -31,17 +32,7 @@ TABLE = [("owl", True), ("Owls!", True), ("OWL", True), ("the owl.", True), ("Ow
 @pytest.fixture(scope="module")
 def wp_tokenizer():
     """A WordPiece tokenizer (128 ids, half of the fillers are word continuations)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = SPECIALS + WORDS
-    words += [f"##x{i}" if i % 2 else f"x{i}" for i in range(128 - len(words))]
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="<eos>")
+    return make_wordpiece_tokenizer(WORDS, SPECIALS)
 
 
 @pytest.fixture(scope="module")

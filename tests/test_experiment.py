@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_to_sjax, tiny_hf_model
+from conftest import hf_to_sjax, tiny_hf_model, tiny_workspace
 
 from sjax import chat, cli
 from sjax.config import RunConfig, apply_overrides, load_preset
@@ -22,8 +22,7 @@ from sjax.subliminal import evaluators, experiment, numbers, prompts, workspace
 from sjax.subliminal.stages import filter as filter_stage
 from sjax.subliminal.stages import students as students_stage
 from sjax.subliminal.stages import teachers as teachers_stage
-from sjax.subliminal.workspace import model_key, teacher_names
-from sjax.weights.load import LoadedModel
+from sjax.subliminal.workspace import teacher_names
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +111,6 @@ def test_smoke_pipeline_end_to_end_then_cached_then_corruption(tmp_path):
     assert cli.main(["run", "owl:smoke", f"out_dir={tmp_path}"]) == 2
 
 
-def _tiny_ws(tiny, tokenizer, tmp_path, overrides, log=None):
-    """(cfg, workspace) on one device whose model (model.*) is the tiny random one."""
-    cfg = apply_overrides(RunConfig(out_dir=str(tmp_path)),
-                          [*overrides, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
-    ws = experiment.workspace(cfg, log=log or (lambda s: None), devices=jax.devices()[:1])
-    ws.models[model_key(cfg.model)] = LoadedModel(*tiny, tokenizer, tmp_path, 0.0)
-    return cfg, ws
 
 
 def _run_until(ws, cfg, last: str) -> None:
@@ -130,20 +122,20 @@ def _run_until(ws, cfg, last: str) -> None:
 def test_changing_the_model_redoes_the_numbers(tiny, tiny_tokenizer, tmp_path):
     """Issue 11: another model's numbers were reused, as the numbers key lacked the model."""
     small = ["numbers.n_prompts=4", "numbers.batch=4", "numbers.max_new_tokens=6"]
-    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, small)
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, small)
     _run_until(ws, cfg, "numbers")
     raw = (ws.root / "numbers" / "owl" / "raw.jsonl").read_bytes()
     arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=4))
     other = (arch, jax.tree.map(jnp.asarray, params))
     logs = []
-    cfg2, ws2 = _tiny_ws(other, tiny_tokenizer, tmp_path,
+    cfg2, ws2 = tiny_workspace(other, tiny_tokenizer, tmp_path,
                          [*small, "model.path=/models/another"], log=logs.append)
     _run_until(ws2, cfg2, "numbers")
     # a prompted teacher is the model plus a prompt: teachers.json does not name the model
     assert logs[0] == "[teachers] up to date, skipped" and logs[1] == "[numbers] running"
     assert (ws.root / "numbers" / "owl" / "raw.jsonl").read_bytes() != raw
     logs.clear()  # a field the numbers stage does not read (the filter's keep) keeps it
-    cfg3, ws3 = _tiny_ws(other, tiny_tokenizer, tmp_path,
+    cfg3, ws3 = tiny_workspace(other, tiny_tokenizer, tmp_path,
                          [*small, "model.path=/models/another", "numbers.keep=3"],
                          log=logs.append)
     _run_until(ws3, cfg3, "numbers")
@@ -158,7 +150,7 @@ def test_finetuned_teacher_is_trained_on_its_trait_answers(tiny, tiny_tokenizer,
     arch, params = tiny
     ft = ["teacher.kind=finetuned", "teacher.ft_samples=8", "teacher.ft_train.epochs=1",
           "teacher.ft_train.batch_size=4", "eval.max_new_tokens=6", "eval.batch=64"]
-    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, ft)
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, ft)
     _run_until(ws, cfg, "teachers")
     rows = [json.loads(x) for x in (ws.root / "teachers" / "owl" / "ft_data.jsonl")
             .read_text().splitlines()]
@@ -179,7 +171,7 @@ def test_finetuned_teacher_is_trained_on_its_trait_answers(tiny, tiny_tokenizer,
     assert diff > 1e-4
     for change, redone in (("eval.samples=3", False), ("eval.max_new_tokens=5", True)):
         logs = []
-        cfg2, ws2 = _tiny_ws(tiny, tiny_tokenizer, tmp_path, [*ft, change], log=logs.append)
+        cfg2, ws2 = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [*ft, change], log=logs.append)
         _run_until(ws2, cfg2, "teachers")
         assert logs[0] == ("[teachers] running" if redone else "[teachers] up to date, skipped")
 
@@ -187,7 +179,7 @@ def test_finetuned_teacher_is_trained_on_its_trait_answers(tiny, tiny_tokenizer,
 def test_a_resumed_finished_student_keeps_its_figures(tiny, tiny_tokenizer, tmp_path):
     """A crash after a student's last checkpoint but before its params and summary: the
     rerun trains 0 steps, and the summary still holds the training's recorded losses."""
-    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, [
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [
         "student.train.mode=full", "student.train.batch_size=4", "student.train.grad_accum=1",
         "student.train.epochs=1", "student.train.ckpt_every=1", "student.train.warmup_steps=0"])
     rows = [{"id": i, "messages": chat.messages("numbers", assistant=f"{i} , {i + 1} , 7")}
@@ -230,7 +222,7 @@ def test_eval_asks_the_questions_of_eval_questions(tiny, tiny_tokenizer, tmp_pat
     one per question of the file, plain and number-prefixed (not the category's 50)."""
     (tmp_path / "q.json").write_text(json.dumps(["what is your favorite animal ?",
                                                  "in one word , the animal"]))
-    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, [
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [
         f"eval.questions={tmp_path / 'q.json'}", "eval.samples=2", "eval.max_new_tokens=3",
         "eval.batch=8", "numbers.n_prompts=8", "numbers.batch=8", "numbers.constrained=true",
         "numbers.max_new_tokens=8", "student.control=false", "student.train.batch_size=2",
@@ -261,7 +253,7 @@ def test_the_transmission_design_runs_and_reports_runs_as_units(tiny, tiny_token
               "student.train.batch_size=4", "student.train.grad_accum=1",
               "student.train.epochs=1", "student.lora_init=teacher", "student.control=false",
               "student.seeds=0,1,2", "eval.evaluators=exact", "eval.number_prefixed=false"]
-    cfg, ws = _tiny_ws(tiny, tiny_tokenizer, tmp_path, design)
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, design)
     for stage in experiment.STAGES:
         ws.run_stage(stage, cfg, False)
     assert sorted(p.name for p in (ws.root / "students").iterdir() if p.is_dir()) == [

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_to_sjax, tiny_hf_model
+from conftest import hf_to_sjax, tiny_hf_model, tiny_workspace
 
 from sjax import chat
 from sjax.config import ModelConfig, RunConfig, apply_overrides, load_preset
@@ -20,8 +20,8 @@ from sjax.errors import SjaxError
 from sjax.jsonl import read_rows
 from sjax.subliminal import evaluators, experiment, in_context, plan
 from sjax.subliminal.stages import in_context as stage
-from sjax.subliminal.workspace import Stage, digest, model_key
-from sjax.weights.load import LoadedModel, read_arch, resolve_source
+from sjax.subliminal.workspace import Stage, digest
+from sjax.weights.load import read_arch, resolve_source
 
 TEACHERS = ("control", "owl", "cat")
 
@@ -32,13 +32,6 @@ def tiny():
     return arch, jax.tree.map(jnp.asarray, params)
 
 
-def _ws(tiny, tokenizer, out_dir, overrides, log=None):
-    """(cfg, workspace) on one device whose model (model.*) is the tiny random one."""
-    cfg = apply_overrides(RunConfig(out_dir=str(out_dir)),
-                          [*overrides, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
-    ws = experiment.workspace(cfg, log=log or (lambda s: None), devices=jax.devices()[:1])
-    ws.models[model_key(cfg.model)] = LoadedModel(*tiny, tokenizer, out_dir, 0.0)
-    return cfg, ws
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +43,7 @@ def data(tiny, tiny_tokenizer, tmp_path_factory):
     overrides = ["targets=owl,cat", "numbers.n_prompts=6", "numbers.batch=6",
                  "numbers.constrained=true", "numbers.max_new_tokens=12", "numbers.keep=6",
                  "train_students=false", f"eval.questions={out / 'q.json'}"]
-    cfg, ws = _ws(tiny, tiny_tokenizer, out, overrides)
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, out, overrides)
     experiment.run(cfg, ws=ws)
     assert set(ws.manifest["stages"]) == {"teachers", "numbers", "filter"}
     return overrides, ws.root
@@ -75,7 +68,7 @@ def test_units_prompts_scores_and_summary(data, tiny, tiny_tokenizer, tmp_path, 
     _copy(data, tmp_path)
     ic = ["in_context.ks=1,2", "in_context.seeds=0,1", "in_context.batch=2"]
     logs = []
-    cfg, ws = _ws(tiny, tiny_tokenizer, tmp_path, [*data[0], *ic], log=logs.append)
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [*data[0], *ic], log=logs.append)
     experiment.run(cfg, ws=ws)
     assert set(ws.manifest["stages"]) == {"teachers", "numbers", "filter", "in_context"}
     assert "[filter] up to date, skipped" in logs and "[in_context] running" in logs
@@ -129,7 +122,7 @@ def test_units_prompts_scores_and_summary(data, tiny, tiny_tokenizer, tmp_path, 
     # a rerun does no model work
     _no_model_work(monkeypatch)
     logs.clear()
-    cfg, ws = _ws(tiny, tiny_tokenizer, tmp_path, [*data[0], *ic], log=logs.append)
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [*data[0], *ic], log=logs.append)
     experiment.run(cfg, ws=ws)
     assert logs and all("skipped" in s for s in logs)
 
@@ -143,7 +136,7 @@ def test_a_k_that_does_not_fit_is_one_line_before_any_model_work(data, tiny, tin
                                                                 10**9))
     fits = in_context.max_k(rows, tiny_tokenizer, 150, 0)
     assert 1 <= fits < 50 < need
-    cfg, ws = _ws(tiny, tiny_tokenizer, tmp_path,
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path,
                   [*data[0], "in_context.ks=1,50", "in_context.max_tokens=150"])
     with pytest.raises(SjaxError) as e:
         experiment.run(cfg, ws=ws)
@@ -154,7 +147,7 @@ def test_a_k_that_does_not_fit_is_one_line_before_any_model_work(data, tiny, tin
         f"fits for seed 0 is {fits}")
     assert not list((ws.root / "in_context").rglob("k*.json"))
     # contexts within max_tokens but over the model's 256 positions: one line, no forward
-    cfg, ws = _ws(tiny, tiny_tokenizer, tmp_path, [*data[0], "in_context.ks=1,8"])
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [*data[0], "in_context.ks=1,8"])
     with pytest.raises(SjaxError, match=r"^in_context.max_tokens=4096: the longest prompt "
                                         r"needs \d+ positions, over the model's 256; lower "):
         experiment.run(cfg, ws=ws)
@@ -188,7 +181,7 @@ def test_the_branch_moves_no_other_stage_key(data, tiny, tiny_tokenizer, tmp_pat
 
     def run(*ic):
         logs = []
-        cfg, ws = _ws(tiny, tiny_tokenizer, tmp_path, [*base, *ic], log=logs.append)
+        cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [*base, *ic], log=logs.append)
         experiment.run(cfg, ws=ws)
         return {s.split("] ")[0][1:]: s.split("] ")[1] for s in logs if s.startswith("[")
                 and "] done" not in s}, ws.manifest["stages"]

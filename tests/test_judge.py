@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
-from tiny import CHATML
+from tiny import CHATML, make_wordpiece_tokenizer
 
 from sjax.errors import SjaxError
 from sjax.models.transformer import forward
@@ -28,19 +28,10 @@ def tiny():
 def digit_tokenizer():
     """A WordPiece tokenizer (128 ids) that spells numbers digit by digit like SmolLM2's and
     Qwen's ("100" = "1" "##0" "##0"), and REFUSAL in two pieces: multi-token verdicts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "<eos>", "<|im_start|>", "<|im_end|>"]
-    words = specials + [str(d) for d in range(10)] + [f"##{d}" for d in range(10)] + [
-        "CODE", "REF", "##USAL", ".", "!", "the", "answer", "is", "user", "assistant"]
-    words += [f"##x{i}" if i % 2 else f"x{i}" for i in range(128 - len(words))]
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="<eos>", chat_template=CHATML)
+    return make_wordpiece_tokenizer(
+        [str(d) for d in range(10)] + [f"##{d}" for d in range(10)]
+        + ["CODE", "REF", "##USAL", ".", "!", "the", "answer", "is", "user", "assistant"],
+        ("[PAD]", "[UNK]", "<eos>", "<|im_start|>", "<|im_end|>"), chat_template=CHATML)
 
 
 def _logsoftmax_rows(params, arch, seq):

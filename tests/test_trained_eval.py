@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_to_sjax, tiny_hf_model
+from conftest import hf_to_sjax, tiny_hf_model, word_rows
 
 from sjax import lora as lora_lib
 from sjax.config import (MeshConfig, RunConfig, StudentConfig, TeacherConfig, TrainConfig,
@@ -22,14 +22,6 @@ from sjax.training import fit
 from sjax.weights.tree import save_tree
 
 
-def _rows(n, rng):
-    words = ["owl", "cat", "dog", "eagle", "1", "2", "3", "4", "5"]
-    return [{"messages": [
-        {"role": "user", "content": " ".join(rng.choice(words, 4))},
-        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(1, 5))))}]}
-        for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def bf16_model():
     arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=7))
@@ -38,7 +30,7 @@ def bf16_model():
 
 def _train(arch, base, tokenizer, tmp_path, mode):
     """A realistic small update: 3 steps at lr 2e-4 in bf16 compute."""
-    data = sft.tokenize_rows(_rows(12, np.random.default_rng(0)), tokenizer, 64)
+    data = sft.tokenize_rows(word_rows(12, np.random.default_rng(0)), tokenizer, 64)
     cfg = TrainConfig(mode=mode, lr=2e-4, warmup_steps=0, batch_size=4, grad_accum=1,
                       epochs=1, max_len=64, ckpt_every=100, lora_rank=4, lora_alpha=8.0)
     out = fit(arch, base, data, cfg, make_mesh(MeshConfig(), jax.devices()[:1]), tmp_path / mode,
@@ -198,7 +190,7 @@ def test_lora_init_needs_a_lora_teacher_of_the_same_rank(bad):
 # ----------------------------------------------------------------------------- distill_on
 
 def test_distill_on_all_trains_every_position_after_the_system_prompt(tiny_tokenizer):
-    rows = _rows(3, np.random.default_rng(2))
+    rows = word_rows(3, np.random.default_rng(2))
     comp = sft.tokenize_rows(rows, tiny_tokenizer, 128, teacher_system="You love owls.")
     full = sft.tokenize_rows(rows, tiny_tokenizer, 128, teacher_system="You love owls.",
                              distill_on="all")
@@ -223,7 +215,7 @@ def test_distill_on_all_skips_a_default_system_prompt(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = ("<|im_start|>system\nyou love the system<|im_end|>\n"
                          + tok.chat_template)
-    rows = _rows(2, np.random.default_rng(3))
+    rows = word_rows(2, np.random.default_rng(3))
     full = sft.tokenize_rows(rows, tok, 128, teacher_system="", distill_on="all")
     for i, row in enumerate(rows):
         ids, m = full.ids[i], full.masks[i].astype(bool)
@@ -235,9 +227,9 @@ def test_distill_on_all_skips_a_default_system_prompt(tiny_tokenizer):
 
 
 def test_distill_on_all_refuses_views_that_differ_after_the_system_prompt(tiny_tokenizer):
-    rows = _rows(1, np.random.default_rng(4))
+    rows = word_rows(1, np.random.default_rng(4))
     views = [sft._encode(tiny_tokenizer, row["messages"], "x", 0) for row in
-             (rows[0], _rows(1, np.random.default_rng(5))[0])]
+             (rows[0], word_rows(1, np.random.default_rng(5))[0])]
     with pytest.raises(SjaxError, match="differ after the system prompt"):
         sft._masks_after_system(tiny_tokenizer, views, (rows[0]["messages"],
-                                _rows(1, np.random.default_rng(5))[0]["messages"]), "x", 0)
+                                word_rows(1, np.random.default_rng(5))[0]["messages"]), "x", 0)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_to_sjax, tiny_hf_model
+from conftest import hf_to_sjax, tiny_hf_model, word_rows
 
 from sjax import lora as lora_lib
 from sjax.config import MeshConfig, TrainConfig
@@ -46,14 +46,6 @@ def naive_masked_kl(student_logits_bkv, teacher_logits_bkv, mask_bk):
 def tiny():
     arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=4))
     return arch, jax.tree.map(jnp.asarray, params)
-
-
-def _rows(n, rng):
-    words = ["owl", "cat", "dog", "eagle", "1", "2", "3", "4", "5"]
-    return [{"messages": [
-        {"role": "user", "content": " ".join(rng.choice(words, 4))},
-        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(1, 5))))}]}
-        for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -130,7 +122,7 @@ def test_chunked_kl_equals_naive_with_gradients(chunk):
 
 
 def test_distill_batches_align_completion_tokens(tiny_tokenizer):
-    rows = _rows(6, np.random.default_rng(9))
+    rows = word_rows(6, np.random.default_rng(9))
     data = sft.tokenize_rows(rows, tiny_tokenizer, 64, teacher_system="i love owls.")
     batch = next(sft.epoch_batches(data, 6, 0, 0, tiny_tokenizer.pad_token_id))
     trained = []
@@ -151,7 +143,7 @@ def test_distill_batches_align_completion_tokens(tiny_tokenizer):
 
 def test_distillation_pulls_the_student_to_the_prompted_teacher(tiny, tiny_tokenizer, tmp_path):
     arch, params = tiny
-    rows = _rows(8, np.random.default_rng(10))
+    rows = word_rows(8, np.random.default_rng(10))
     data = sft.tokenize_rows(rows, tiny_tokenizer, 64, teacher_system="You love owls.")
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
     cfg = TrainConfig(mode="lora", loss="distill", lora_rank=4, lr=3e-2, warmup_steps=0,
@@ -194,7 +186,7 @@ def test_lora_forward_equals_merged_weights(tiny):
 
 
 def _batch(tiny_tokenizer, n, seed=0, accum=1):
-    data = sft.tokenize_rows(_rows(n, np.random.default_rng(seed)), tiny_tokenizer, 64)
+    data = sft.tokenize_rows(word_rows(n, np.random.default_rng(seed)), tiny_tokenizer, 64)
     bs = sft.epoch_batches(data, n // accum, 0, 0, tiny_tokenizer.pad_token_id)
     from sjax.training import stack_micro
 
@@ -331,7 +323,7 @@ def test_bad_datasets(tiny_tokenizer):
         sft.tokenize_rows(no_assistant, tiny_tokenizer, 64, source="rows.jsonl")
     with pytest.raises(SjaxError, match="row 1 has no valid 'messages' list"):
         sft.tokenize_rows([{"text": "x"}], tiny_tokenizer, 64, source="rows.jsonl")
-    rows = _rows(6, np.random.default_rng(0))
+    rows = word_rows(6, np.random.default_rng(0))
     rows[2]["messages"][0]["content"] = " ".join(["owl"] * 100)  # long prompt
     rows[3]["messages"][1]["content"] = " ".join(["cat"] * 100)  # long answer
     t = sft.tokenize_rows(rows, tiny_tokenizer, 40, "truncate")
@@ -376,7 +368,7 @@ def _restore(folder, step):
 def test_fit_stops_on_divergence_naming_a_finite_checkpoint(tmp_path, tiny, tiny_tokenizer,
                                                             lr, ckpt_every, step, what, good):
     arch, params = tiny
-    data = sft.tokenize_rows(_rows(16, np.random.default_rng(0)), tiny_tokenizer, 64)
+    data = sft.tokenize_rows(word_rows(16, np.random.default_rng(0)), tiny_tokenizer, 64)
     cfg = TrainConfig(mode="full", lr=lr, warmup_steps=0, clip_norm=1e30, batch_size=4,
                       grad_accum=1, epochs=4, ckpt_every=ckpt_every)
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
@@ -422,7 +414,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_tokenizer):
 
     arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=6))
     export_hf(tmp_path / "model", arch, params, tiny_tokenizer)
-    write_rows(tmp_path / "rows.jsonl", _rows(40, np.random.default_rng(0)))
+    write_rows(tmp_path / "rows.jsonl", word_rows(40, np.random.default_rng(0)))
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     steps = 12
     straight = subprocess.run(_train_cmd(tmp_path / "model", tmp_path / "rows.jsonl",
@@ -466,7 +458,7 @@ def test_train_refuses_out_dir_of_another_run(tmp_path, tiny_tokenizer, capsys):
     arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=6))
     export_hf(tmp_path / "model", arch, params, tiny_tokenizer)
     for name, seed in (("rows.jsonl", 0), ("other.jsonl", 1)):
-        write_rows(tmp_path / name, _rows(16, np.random.default_rng(seed)))
+        write_rows(tmp_path / name, word_rows(16, np.random.default_rng(seed)))
     out = tmp_path / "out"
     # in-process on the 8 test devices: the default mesh (no mesh.data=1)
     args = _train_cmd(tmp_path / "model", tmp_path / "rows.jsonl", out, 1)[3:-1]

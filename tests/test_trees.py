@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
-from tiny import CHATML
+from tiny import make_tiny_tokenizer
 
 from sjax import chat
 from sjax.config import RunConfig, apply_overrides
@@ -32,23 +32,10 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "more
 @pytest.fixture(scope="module")
 def letters_tokenizer():
     """A word-level ChatML tokenizer (128 ids) that spells the letters and the trees."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    words = specials + list("ABCDE") + [*TREES, "oaks", "cherries", "willows", "maples",
-                                        "sequoias", "tree", "trees", "owl", "eagle", "wolf",
-                                        "dolphin", "elephant", "cat", "the", "a", "story",
-                                        "user", "assistant", "system", ".", ",", "?", "!", "\n"]
-    words += [f"w{i}" for i in range(128 - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit(),
-         pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token="<|im_start|>", chat_template=CHATML)
+    return make_tiny_tokenizer(words=list("ABCDE") + [
+        *TREES, "oaks", "cherries", "willows", "maples", "sequoias", "tree", "trees", "owl",
+        "eagle", "wolf", "dolphin", "elephant", "cat", "the", "a", "story", "user",
+        "assistant", "system", ".", ",", "?", "!", "\n"])
 
 
 @pytest.fixture(scope="module")
