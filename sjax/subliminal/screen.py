@@ -296,8 +296,7 @@ def screen_candidate(t: str, m, cfg: ScreenConfig, ctx: dict, dtype) -> dict:
                  "seconds": {}}
     t0 = time.perf_counter()
     for var, qs in ctx["questions"].items():
-        base = evaluators.exact_scores(m.params, m.arch, m.tokenizer, ctx["prompts"][var], t,
-                                       batch=ctx["exact_batch"], dtype=dtype)
+        base = ctx["base_scores"][var][t]
         teacher_ids = [chat.encode_prompt(m.tokenizer, chat.messages(q, system)) for q in qs]
         teacher = evaluators.exact_scores(m.params, m.arch, m.tokenizer, teacher_ids, t,
                                           batch=ctx["exact_batch"], dtype=dtype)
@@ -374,6 +373,10 @@ def run(cfg: ScreenConfig, m, mesh=None, log: Callable[[str], None] = print) -> 
                m.params, m.arch, m.tokenizer, trie,
                [chat.encode_prompt(m.tokenizer, chat.messages(p)) for p in number_prompts],
                dtype=dtype)}
+    # the base's P(t) of every candidate from one pass per variant (one shared prefill)
+    ctx["base_scores"] = {var: evaluators.exact_target_scores(
+        m.params, m.arch, m.tokenizer, ids, cfg.candidates, batch=ctx["exact_batch"],
+        dtype=dtype) for var, ids in ctx["prompts"].items()}
     results = []
     for t in tqdm(cfg.candidates, desc="screen", unit="candidate", disable=not writer.main):
         results.append(screen_candidate(t, m, cfg, ctx, dtype))

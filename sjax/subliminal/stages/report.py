@@ -112,8 +112,8 @@ def summarize(r: Reads, evals: dict[str, dict]) -> dict:
                     ci = stats.rate_ci(scores.mean(1) if len(scores) > 1 else scores[0])
                     rows.append({"target": target, "variant": var, "evaluator": ev,
                                  "condition": name, **ci, "seed_means": scores.mean(1).tolist(),
-                                 "mean_log_p": float(np.mean(np.log(np.maximum(
-                                     scores, LOG_FLOOR))))})
+                                 "mean_log_p": float(np.mean(
+                                     [unit_value(x, "exact") for x in scores]))})
                 comparisons.append(compare(r, target, var, ev, students, q))
             if len(r.targets) > 1:
                 by_t = {t: np.asarray([unit_value(x, ev) for g in r.targets
