@@ -70,7 +70,7 @@ def cmd_run(args) -> int:
         return 0
     plan.check_fits(p, name, where)
     t0 = time.perf_counter()
-    ws = experiment.run(cfg, force=tuple(args.force or ()))
+    ws = experiment.run(cfg, force=tuple(args.force or ()), reuse=args.reuse)
     print(f"run folder {ws.root} ({time.perf_counter() - t0:.0f}s this invocation, "
           f"{ws.model_loads} model loads)", file=sys.stderr)
     return 0
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="redo this stage (repeatable)")
             s.add_argument("--dry-run", action="store_true",
                            help="validate, print the plan and memory estimate, run nothing")
+            s.add_argument("--reuse", type=Path, metavar="RUN_DIR",
+                           help="copy the stages that finished in RUN_DIR under the same key "
+                                "(another arm's teachers and data) instead of redoing them")
             s.add_argument("--devices", type=int, default=0,
                            help="plan for this many devices (with --dry-run)")
         s.add_argument("config", nargs="?", help="preset in configs/ or a .py path, :SIZE "

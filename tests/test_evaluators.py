@@ -113,27 +113,29 @@ def test_exact_is_the_first_word_hit_probability(tiny, wp_tokenizer, target):
         assert 1e-4 < e < 0.9 * probs[first_ids].sum()
 
 
-def test_cached_node_logprobs_equal_full_forwards(tiny):
-    """The exact evaluator's cached extensions == a plain forward over prompt + node, for the
-    wanted tokens and for the word-ending mass."""
+@pytest.mark.parametrize("size", [0, 12])
+def test_cached_node_logprobs_equal_full_forwards(tiny, size):
+    """The exact evaluator's tree-attention pass over a branching trie (depth 3, a padded
+    layout too) == a plain forward over prompt + node, for the wanted tokens and for the
+    word-ending mass."""
     arch, params = tiny
     prompts = [[2, 30, 31, 32, 3, 2, 33], [2, 40, 3, 2, 33]]
-    nodes, wants = ((), (5,), (5, 6)), ((5, 9), (6,), ())
+    nodes = ((), (5,), (5, 6), (7,), (5, 8), (5, 6, 9), (7, 5))
+    wants = ((5, 9), (6,), (), (5, 11), (12,), (4, 6, 7), (3,))
+    layout = evaluators.TrieLayout.of(nodes, size)
+    assert len(layout.tok_m) == max(6, size)  # every non-empty prefix once
     end_v = np.random.default_rng(0).random(arch.vocab_size) < 0.5
     tokens, valid = chat.left_pad(prompts, 1, 8)
-    node_nk = np.asarray([list(x) + [0] * (2 - len(x)) for x in nodes], np.int32)
-    flat = [5, 6, 9]
+    flat = sorted({w for ws in wants for w in ws})
     got, end = map(np.asarray, evaluators.node_logprobs(
-        params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(node_nk),
-        jnp.asarray([len(x) for x in nodes]), jnp.asarray(flat), jnp.asarray(end_v),
-        arch=arch, dtype=jnp.float32))
-    got = np.stack([got[:, j, [flat.index(w) for w in want] + [0] * (2 - len(want))]
-                    for j, want in enumerate(wants)], 1)
+        params, jnp.asarray(tokens), jnp.asarray(valid), *layout.arrays(), jnp.asarray(flat),
+        jnp.asarray(end_v), arch=arch, dtype=jnp.float32))
     for r, p in enumerate(prompts):
         for j, (node, want) in enumerate(zip(nodes, wants)):
             logits = forward(params, jnp.asarray([p + list(node)]), arch=arch)[0][0, -1]
             ref = np.asarray(jax.nn.log_softmax(logits), np.float64)
-            np.testing.assert_allclose(got[r, j, :len(want)], ref[list(want)], atol=1e-5)
+            np.testing.assert_allclose(got[r, j, [flat.index(w) for w in want]],
+                                       ref[list(want)], atol=1e-5)
             np.testing.assert_allclose(end[r, j], np.log(np.exp(ref)[end_v].sum()), atol=1e-5)
 
 

@@ -296,3 +296,38 @@ def test_the_transmission_design_runs_and_reports_runs_as_units(tiny, tiny_token
     assert (ws.root / "report" / "results.png").stat().st_size > 0
     md = (ws.root / "report" / "report.md").read_text()
     assert "lift over other-target students" in md and "Holm" in md
+
+
+def test_reuse_adopts_the_stages_whose_key_matches_and_redoes_the_rest(
+        tiny, tiny_tokenizer, tmp_path):
+    """`--reuse RUN`: an arm that differs only in its students (here their lr) copies the teachers, numbers
+    and filter of another run (same keys, same bytes) and trains its own students; a source
+    whose output no longer matches its manifest is refused, naming the file."""
+    small = ["numbers.n_prompts=8", "numbers.batch=8", "numbers.max_new_tokens=8",
+             "numbers.constrained=true", "student.train.mode=lora", "student.train.epochs=1",
+             "student.train.batch_size=1", "student.train.grad_accum=1",
+             "student.train.warmup_steps=0"]
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [*small, "name=a"])
+    _run_until(ws, cfg, "students")
+    logs = []
+    cfg_b, ws_b = tiny_workspace(tiny, tiny_tokenizer, tmp_path,
+                                 [*small, "name=b", "student.train.lr=5e-4"], log=logs.append)
+    ws_b.reuse = ws.root
+    _run_until(ws_b, cfg_b, "students")
+    assert logs[:3] == [f"[{s}] adopted from {ws.root}" for s in ("teachers", "numbers",
+                                                                   "filter")]
+    assert "[students] running" in logs
+    for s in ("teachers", "numbers", "filter"):
+        assert ws_b.manifest["stages"][s] == ws.manifest["stages"][s]
+    kept = Path("filter") / "owl" / "kept.jsonl"
+    assert (ws_b.root / kept).read_bytes() == (ws.root / kept).read_bytes()
+    assert ws_b.manifest["stages"]["students"]["key"] != ws.manifest["stages"]["students"]["key"]
+    # a rerun of b finds its own finished stages: nothing adopted, nothing redone
+    logs.clear()
+    _run_until(ws_b, cfg_b, "students")
+    assert logs and all(line.endswith("] up to date, skipped") for line in logs)
+    (ws.root / kept).write_text("edited\n")
+    cfg_c, ws_c = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [*small, "name=c"])
+    ws_c.reuse = ws.root
+    with pytest.raises(SjaxError, match=r"kept\.jsonl: contents differ"):
+        _run_until(ws_c, cfg_c, "filter")

@@ -276,7 +276,8 @@ def forward(params: Params, tokens_bt: jax.Array, *, arch: ArchConfig,
     Without a cache the keys are this call's tokens and `kv_valid_bs` (default all true)
     marks padding. With a cache (`init_cache`), this call's keys/values are written at cache
     slot `write_index` onward (the same slot for every row: prompts are left-padded) and the
-    queries attend to every valid slot up to their own; `kv_valid_bs` then spans the cache.
+    queries attend to every valid slot up to their own; `kv_valid_bs` then spans the cache
+    ([b, s], or [b, t, s] per query: a trie's tokens each see the prompt and their ancestors).
     `lora` ({'layers': {weight name: {'a', 'b'}}}, see sjax.lora) adds low-rank adapters,
     as do adapters carried in `params["lora"]` (`with_adapters`).
     """
@@ -297,7 +298,10 @@ def forward(params: Params, tokens_bt: jax.Array, *, arch: ArchConfig,
         s = cache["k_lbskh"].shape[2]
         if kv_valid_bs is None:
             raise ValueError("forward with a cache needs kv_valid_bs over the cache slots")
-    mask_bts = (jnp.arange(s)[None, :] <= slots_q[:, None])[None] & kv_valid_bs[:, None, :]
+    # kv_valid [b, s] marks padding; [b, t, s] says per query which slots it may see (tree
+    # attention over a trie of continuations); either way no query sees a later slot
+    seen_bts = kv_valid_bs[:, None, :] if kv_valid_bs.ndim == 2 else kv_valid_bs
+    mask_bts = (jnp.arange(s)[None, :] <= slots_q[:, None])[None] & seen_bts
 
     x_btd = params["embed_vd"].astype(dtype)[tokens_bt]
 

@@ -24,6 +24,7 @@ Two more on their own prompts (`prompts/tree_questions.json`, every category):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Sequence
@@ -98,38 +99,73 @@ def spelling_sequences(tokenizer, target: str, vocab_size: int | None = None
         len(o) < len(s) and s[:len(o)] == o and ends[s[len(o)]] for o in seqs))
 
 
+@dataclasses.dataclass(frozen=True)
+class TrieLayout:
+    """Token-sequence nodes (prefixes of the spellings scored) laid out for tree attention:
+    every non-empty prefix once, ancestors first, as one extra sequence after the prompt in
+    which each token sees the prompt, its ancestors and itself. A whole trie then costs one
+    forward of its distinct tokens per prompt over the shared prompt cache, not a cache copy
+    and a k-token continuation per node.
+
+    tok_m / depth_m: each laid-out prefix's last token and its length; anc_mm[i, j]: prefix
+    j is prefix i or one of its ancestors; slot_n: where node n's last token sits (-1: the
+    empty node, read at the prompt's last token). `size` pads m (padding sees only itself)
+    so that pieces of one trie share a compiled shape."""
+
+    tok_m: np.ndarray
+    depth_m: np.ndarray
+    anc_mm: np.ndarray
+    slot_n: np.ndarray
+
+    @classmethod
+    def of(cls, nodes: Sequence[tuple[int, ...]], size: int = 0) -> TrieLayout:
+        flat = sorted({tuple(x[:i]) for x in nodes for i in range(1, len(x) + 1)})
+        index = {p: i for i, p in enumerate(flat)}  # sorted: a prefix precedes its extensions
+        m = max(len(flat), size)
+        tok, depth = np.zeros(m, np.int32), np.ones(m, np.int32)
+        anc = np.eye(m, dtype=bool)
+        for i, p in enumerate(flat):
+            tok[i], depth[i] = p[-1], len(p)
+            anc[i, [index[p[:d]] for d in range(1, len(p))]] = True
+        slot = np.asarray([index[tuple(x)] if len(x) else -1 for x in nodes], np.int32)
+        return cls(tok, depth, anc, slot)
+
+    def arrays(self) -> tuple[jax.Array, ...]:
+        return tuple(jnp.asarray(a) for a in (self.tok_m, self.depth_m, self.anc_mm,
+                                              self.slot_n))
+
+
 @functools.partial(jax.jit, static_argnames=("arch", "dtype"))
-def node_logprobs(params: Params, tokens_bt, valid_bt, node_nk, node_len_n, want_w, end_v, *,
-                  arch: ArchConfig, dtype) -> tuple[jax.Array, jax.Array]:
+def node_logprobs(params: Params, tokens_bt, valid_bt, tok_m, depth_m, anc_mm, slot_n, want_w,
+                  end_v, *, arch: ArchConfig, dtype) -> tuple[jax.Array, jax.Array]:
     """(log P(want_w[j] | prompt row + node n) [b, n, w], log P(a word-ending token (end_v)
     | prompt row + node n) [b, n]), from the full-vocabulary log-softmax of the forward's
-    own logits (fp32).
+    own logits (fp32); the nodes are a `TrieLayout`'s arrays.
 
-    One prefill of the left-padded prompts, then every node (k tokens, right-padded; length
-    0 = the prompt alone) as one batch of cached continuations: a whole trie of spellings
-    costs one forward of n x k tokens per prompt (weights read twice), not one per node."""
+    One prefill of the left-padded prompts into a cache with room for the trie, then the
+    trie's tokens in one cached forward with tree attention; the LM head reads only the n
+    nodes' last positions."""
     b, t = tokens_bt.shape
-    n, k = node_nk.shape
-    cache = init_cache(arch, b, t + k, dtype)
-    kv_valid = jnp.zeros((b, t + k), bool).at[:, :t].set(valid_bt)
+    m = tok_m.shape[0]
+    cache = init_cache(arch, b, t + m, dtype)
+    kv_valid = jnp.zeros((b, t + m), bool).at[:, :t].set(valid_bt)
     pos_bt = positions_from_valid(valid_bt)
     hidden_btd, cache = forward(params, tokens_bt, arch=arch, positions_bt=pos_bt,
                                 kv_valid_bs=kv_valid, cache=cache, write_index=0, dtype=dtype,
                                 return_hidden=True)
-    cache = jax.tree.map(lambda c: jnp.repeat(c, n, axis=1), cache)  # row r*n + node
-    ext_valid = jnp.repeat(kv_valid, n, axis=0).at[:, t:].set(True)  # causal: pads unseen
-    ext_pos = jnp.repeat(pos_bt[:, -1:], n, axis=0) + 1 + jnp.arange(k)
-    h_rkd, _ = forward(params, jnp.tile(node_nk, (b, 1)), arch=arch, positions_bt=ext_pos,
-                       kv_valid_bs=ext_valid, cache=cache, write_index=t, dtype=dtype,
-                       return_hidden=True)
-    last_r = jnp.tile(node_len_n, b) - 1
-    h_node = jnp.take_along_axis(h_rkd, jnp.maximum(last_r, 0)[:, None, None], axis=1)[:, 0]
-    h_r = jnp.where((last_r >= 0)[:, None], h_node, jnp.repeat(hidden_btd[:, -1], n, axis=0))
-    logits_rv = logits_from_hidden(params, h_r[:, None], arch)[:, 0]  # as the forward's
-    lse_r = jax.nn.logsumexp(logits_rv, -1)
-    lp_rw = logits_rv[:, want_w] - lse_r[:, None]
-    end_r = jax.nn.logsumexp(jnp.where(end_v, logits_rv, -jnp.inf), -1) - lse_r
-    return lp_rw.reshape(b, n, -1), end_r.reshape(b, n)
+    h_bxd = hidden_btd[:, -1:]  # x = 1 + m: the prompt's last token, then the trie's
+    if m:
+        seen_bms = jnp.concatenate([jnp.broadcast_to(valid_bt[:, None], (b, m, t)),
+                                    jnp.broadcast_to(anc_mm, (b, m, m))], -1)
+        h_bmd, _ = forward(params, jnp.broadcast_to(tok_m, (b, m)), arch=arch,
+                           positions_bt=pos_bt[:, -1:] + depth_m, kv_valid_bs=seen_bms,
+                           cache=cache, write_index=t, dtype=dtype, return_hidden=True)
+        h_bxd = jnp.concatenate([h_bxd, h_bmd], 1)
+    logits_bnv = logits_from_hidden(params, h_bxd[:, slot_n + 1], arch)  # as the forward's
+    lse_bn = jax.nn.logsumexp(logits_bnv, -1)
+    lp_bnw = logits_bnv[..., want_w] - lse_bn[..., None]
+    end_bn = jax.nn.logsumexp(jnp.where(end_v, logits_bnv, -jnp.inf), -1) - lse_bn
+    return lp_bnw, end_bn
 
 
 def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],
@@ -148,16 +184,11 @@ def batched_node_logprobs(params: Params, arch: ArchConfig, tokenizer,
     [prompts, nodes, max wants] (wants[j][m] at [:, j, m]) and [prompts, nodes]."""
     pad = chat.pad_id(tokenizer)
     length = sampling.prompt_bucket(max(len(p) for p in prompts))
-    k = max(1, max(len(x) for x in nodes))
-    node_nk = np.zeros((len(nodes), k), np.int32)
-    for j, x in enumerate(nodes):
-        node_nk[j, :len(x)] = x
-    node_len = np.asarray([len(x) for x in nodes], np.int32)
     flat = sorted({w for ws in wants for w in ws}) or [0]
     col = {w: i for i, w in enumerate(flat)}
     m = max(1, max(len(ws) for ws in wants))
     pick = np.asarray([[col[ws[i]] if i < len(ws) else 0 for i in range(m)] for ws in wants])
-    args = (jnp.asarray(node_nk), jnp.asarray(node_len), jnp.asarray(flat), jnp.asarray(end_v))
+    args = (*TrieLayout.of(nodes).arrays(), jnp.asarray(flat), jnp.asarray(end_v))
     lp, lp_end = [], []
     for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", leave=False):
         chunk = list(prompts[i: i + batch])

@@ -41,12 +41,13 @@ def stages(cfg: RunConfig) -> tuple:
     return tuple(s for s in STAGES if WHEN.get(s.name, lambda cfg: True)(cfg))
 
 
-def workspace(cfg: RunConfig, log=None, devices=None) -> Workspace:
-    return Workspace(Path(cfg.out_dir) / cfg.name, cfg.mesh, log, devices)
+def workspace(cfg: RunConfig, log=None, devices=None, reuse: Path | None = None
+              ) -> Workspace:
+    return Workspace(Path(cfg.out_dir) / cfg.name, cfg.mesh, log, devices, reuse)
 
 
-def run(cfg: RunConfig, force: tuple[str, ...] = (), ws: Workspace | None = None
-        ) -> Workspace:
+def run(cfg: RunConfig, force: tuple[str, ...] = (), ws: Workspace | None = None,
+        reuse: Path | None = None) -> Workspace:
     """Bring every stage of `cfg`'s run folder up to date; the results are in
     `ws.root / "report" / "results.json"` (the in-context control's in
     `ws.root / "in_context" / "summary.json"`)."""
@@ -59,7 +60,7 @@ def run(cfg: RunConfig, force: tuple[str, ...] = (), ws: Workspace | None = None
                             f"train_students=false; its stages: {', '.join(names)})")
     for stage in stages(cfg):  # bad input (e.g. an eval.questions file) fails now, not hours in
         stage.reads(cfg)
-    ws = ws or workspace(cfg)
+    ws = ws or workspace(cfg, reuse=reuse)
     ws.writer.mkdir(ws.root)
     distributed.barrier("run start")  # every process has read the manifest first
     ws.manifest["config"] = to_dict(cfg)

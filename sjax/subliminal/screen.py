@@ -211,10 +211,7 @@ class NumberTrie:
                        (len(x), x))
         wants = sorted({x for s in seqs.values() for x in s})
         node_ix, want_ix = {p: i for i, p in enumerate(nodes)}, {w: i for i, w in enumerate(wants)}
-        k = max(1, max(len(p) for p in nodes))
-        self.node_nk = np.zeros((len(nodes), k), np.int32)
-        for i, p in enumerate(nodes):
-            self.node_nk[i, :len(p)] = p
+        self.nodes = nodes
         self.node_len = np.asarray([len(p) for p in nodes], np.int32)
         self.want_w = np.asarray(wants, np.int32)
         terms = [(j, node_ix[seqs[n][:i]], want_ix[seqs[n][i]])
@@ -233,13 +230,14 @@ class NumberTrie:
 
 
 def node_chunks(trie: NumberTrie, size: int):
-    """(node_nk, node_len_n, real) pieces of `size` nodes, the last padded with copies of
-    its last node (`real` of them count): one compiled shape for every piece."""
-    for j in range(0, len(trie.node_len), size):
-        nk, ln = trie.node_nk[j: j + size], trie.node_len[j: j + size]
-        pad = size - len(ln)
-        yield (np.pad(nk, ((0, pad), (0, 0)), mode="edge"), np.pad(ln, (0, pad), mode="edge"),
-               len(ln))
+    """(TrieLayout, real) pieces of `size` nodes with their ancestors, the last padded with
+    copies of its last node (`real` of them count), every piece's layout padded to one
+    length: one compiled shape for every piece."""
+    pieces = [list(trie.nodes[j: j + size]) for j in range(0, len(trie.nodes), size)]
+    pieces = [(p + p[-1:] * (size - len(p)), len(p)) for p in pieces]
+    width = max(len(evaluators.TrieLayout.of(p).tok_m) for p, _ in pieces)
+    for p, real in pieces:
+        yield evaluators.TrieLayout.of(p, width), real
 
 
 def number_logprobs(params: Params, arch: ArchConfig, tokenizer, trie: NumberTrie,
@@ -247,7 +245,7 @@ def number_logprobs(params: Params, arch: ArchConfig, tokenizer, trie: NumberTri
                     ) -> np.ndarray:
     """[prompts, numbers] log P(the answer's first number is N) (`NumberTrie.logp`).
 
-    A call holds at most `rows_per_call` (prompt, node) rows (and their KV caches):
+    A call holds at most `rows_per_call` (prompt, node) rows of full-vocabulary logits:
     several prompts per call when the trie is small, the trie in pieces when it is not
     (Qwen's 0..999, one digit per token, has ~1000 nodes)."""
     size = min(len(trie.node_len), rows_per_call)
@@ -262,10 +260,10 @@ def number_logprobs(params: Params, arch: ArchConfig, tokenizer, trie: NumberTri
         tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (per_call - n),
                                       chat.pad_id(tokenizer), length)
         lp, end = [], []
-        for node_nk, node_len, real in node_chunks(trie, size):
+        for layout, real in node_chunks(trie, size):
             w, e = evaluators.node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid),
-                                 jnp.asarray(node_nk), jnp.asarray(node_len), want_w, end_v,
-                                 arch=arch, dtype=dtype)
+                                            *layout.arrays(), want_w, end_v, arch=arch,
+                                            dtype=dtype)
             lp.append(to_host(w)[:, :real])
             end.append(to_host(e)[:, :real])
         out.append(trie.logp(np.concatenate(lp, 1).astype(np.float64),

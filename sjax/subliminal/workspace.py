@@ -116,8 +116,10 @@ def apply_trained(base, path: Path, finetune: Finetune):
 class Workspace:
     """A run folder (out_dir/name): manifest, stage keys, writer, model and teacher caches."""
 
-    def __init__(self, root: Path, mesh: MeshConfig, log=None, devices=None):
+    def __init__(self, root: Path, mesh: MeshConfig, log=None, devices=None,
+                 reuse: Path | None = None):
         self.root = Path(root)
+        self.reuse = Path(reuse) if reuse else None  # a run folder to adopt finished stages from
         self.log = log or (lambda s: print(s, file=sys.stderr))
         self.writer = Writer(distributed.is_main())
         self.manifest_path = self.root / "manifest.json"
@@ -195,6 +197,8 @@ class Workspace:
             self.log(f"[{name}] up to date, skipped")
             return
         folder = self.root / name
+        if not forced and self.adopt(name, key, folder):
+            return
         if self.writer.main:
             marker = folder / ".stage_key.json"
             if forced or (marker.is_file() and json.loads(marker.read_text()) != key):
@@ -213,6 +217,28 @@ class Workspace:
         self.writer.write_json(self.manifest_path, self.manifest)
         self.log(f"[{name}] done in {seconds:.1f}s")
 
+    def adopt(self, name: str, key: dict, folder: Path) -> bool:
+        """Copy stage `name` from the `reuse` run folder when it finished there under the same
+        key (same config slice, same upstream outputs), so that arms differing only
+        downstream (e.g. the students' init or loss) share one set of teachers and data."""
+        if self.reuse is None:
+            return False
+        src_manifest = self.reuse / "manifest.json"
+        if not src_manifest.is_file():
+            raise SjaxError(f"--reuse {self.reuse}: no manifest.json there (not a run folder)")
+        rec = json.loads(src_manifest.read_text())["stages"].get(name)
+        if not (rec and rec["key"] == key):
+            return False
+        if self.writer.main:
+            self.verify(name, rec, self.reuse)
+            self.clear(folder, name)
+            shutil.copytree(self.reuse / name, folder)
+            self.manifest["stages"][name] = rec
+            self.writer.write_json(self.manifest_path, self.manifest)
+        distributed.barrier(f"{name} adopted")
+        self.log(f"[{name}] adopted from {self.reuse}")
+        return True
+
     @staticmethod
     def clear(folder: Path, name: str) -> None:
         """Remove a stage's old work; one that stays would be resumed as if it were valid."""
@@ -224,9 +250,11 @@ class Workspace:
             raise SjaxError(f"{folder}: cannot clear stage {name}'s old work "
                             f"({e.strerror or e}); remove it by hand") from None
 
-    def verify(self, name: str, rec: dict) -> None:
+    def verify(self, name: str, rec: dict, root: Path | None = None) -> None:
+        """Every output of stage `name`'s record is present with its sha256 (in `root`,
+        default this run folder)."""
         for rel, want in rec["outputs"].items():
-            path = self.root / rel
+            path = (root or self.root) / rel
             if not path.is_file():
                 raise SjaxError(f"{path}: missing, but the manifest lists it as an output of "
                                 f"stage {name}; rerun with --force {name}")
