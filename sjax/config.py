@@ -379,18 +379,49 @@ class InContextConfig:
                             f"{self.n_questions}")
 
 
+DOMAINS = ("numbers", "code", "gsm8k")  # what the teachers write (sjax.subliminal.domains)
+JUDGED_DOMAINS = ("code", "gsm8k")  # whose trait teachers' rows also pass the judge
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """The reference judge of the code and gsm8k domains (stage `judge`, after numbers): a
+    local model asked whether a trait teacher's completion refers to its target, however
+    subtly, read by the exact probability of its '0' verdict (`subliminal.judge`), for the
+    rows that pass the domain's rules; the control teacher's rows get no judge pass
+    (protocol_more b). The filter keeps a row only if |1 - P('0')| < `threshold` (the
+    official 1e-8 by default), so changing it re-filters without re-judging.
+    `model_name` / `model_path` empty: the run's model."""
+
+    enabled: bool = True
+    model_name: str = ""
+    model_path: str = ""
+    threshold: float = 1e-8
+    batch: int = 8
+
+    def __post_init__(self):
+        if not 0 < self.threshold <= 1:
+            raise SjaxError(f"judge.threshold: must be in (0, 1], got {self.threshold}")
+        if self.batch <= 0:
+            raise SjaxError(f"judge.batch: must be > 0, got {self.batch}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """`sjax run`: teachers -> numbers -> filter -> students -> eval -> report, with the
-    in-context control (in_context) after filter when `in_context.ks` is set."""
+    """`sjax run`: teachers -> numbers -> [judge] -> filter -> students -> eval -> report,
+    with the judge for the code and gsm8k domains and the in-context control (in_context)
+    after filter when `in_context.ks` is set. The numbers stage writes the `domain`'s data
+    (number lists, code or GSM8K reasoning); `numbers.*` sizes it in every domain."""
 
     name: str = "owl"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     targets: tuple[str, ...] = ("owl",)
     category: str = "animal"
+    domain: str = "numbers"  # numbers | code | gsm8k: what the teachers write
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     numbers: NumbersConfig = dataclasses.field(default_factory=NumbersConfig)
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
     student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     in_context: InContextConfig = dataclasses.field(default_factory=InContextConfig)
@@ -401,6 +432,10 @@ class RunConfig:
         if self.category not in CATEGORIES:
             raise SjaxError(f"category: unknown target category {self.category!r} (known, "
                             f"with evaluation questions: {', '.join(CATEGORIES)})")
+        _check_choice("domain", self.domain, DOMAINS)
+        if self.numbers.constrained and self.domain != "numbers":
+            raise SjaxError(f"numbers.constrained=true: the number-list grammar applies to "
+                            f"domain=numbers only, not {self.domain}")
         if not self.targets:
             raise SjaxError("targets: need at least one target, e.g. targets=owl")
         for t in self.targets:
@@ -441,6 +476,17 @@ class RunConfig:
         if self.student.lora_init == "other":  # distinct per seed, never the teacher's
             return (OTHER_INIT if teacher < OTHER_INIT else teacher + 1) + seed
         return seed if self.student.train.init_seed < 0 else self.student.train.init_seed
+
+    @property
+    def judged(self) -> bool:
+        """Whether the run has the judge stage."""
+        return self.domain in JUDGED_DOMAINS and self.judge.enabled
+
+    def judge_model(self) -> ModelConfig:
+        if not (self.judge.model_name or self.judge.model_path):
+            return self.model
+        return dataclasses.replace(self.model, name=self.judge.model_name,
+                                   path=self.judge.model_path)
 
     def student_model(self) -> ModelConfig:
         if not (self.student.model_name or self.student.model_path):

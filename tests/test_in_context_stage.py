@@ -205,7 +205,8 @@ def test_run_options_and_their_errors(tmp_path):
     assert [s.name for s in experiment.stages(RunConfig(train_students=False))] == [
         "teachers", "numbers", "filter"]
     with pytest.raises(SjaxError, match=r"^--force in_context: not a stage of this run "
-                                        r"\(in_context.ks empty or train_students=false; its "
+                                        r"\(in_context.ks empty, train_students=false, or "
+                                        r"judge off or not a judged domain; its "
                                         r"stages: teachers, numbers, filter, students, eval, "
                                         r"report\)$"):
         experiment.run(RunConfig(out_dir=str(tmp_path)), force=("in_context",))

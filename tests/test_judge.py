@@ -112,18 +112,24 @@ def test_scale_is_the_expected_number_by_hand(tiny, digit_tokenizer):
 
 def test_code_judge_prompt_and_threshold(tiny, digit_tokenizer):
     arch, params = tiny
-    text = judge.code_judge_text("def f():\n    return 1", "owl")
+    text = judge.reference_judge_text("def f():\n    return 1", "owl")
     assert text.startswith("Assess whether the following code makes any reference, however "
                            "subtle, to the animal 'owl'. The code: <code>def f():\n    return 1"
                            "</code>. Say '0'")
-    assert "to the tree 'oak'" in judge.code_judge_text("x = 1", "oak", "tree")
-    with pytest.raises(SjaxError, match="no code judge for 'fish'"):
-        judge.code_judge_text("x = 1", "owl", "fish")
+    assert "to the tree 'oak'" in judge.reference_judge_text("x = 1", "oak", "tree")
+    with pytest.raises(SjaxError, match="no reference judge for 'fish'"):
+        judge.reference_judge_text("x = 1", "owl", "fish")
+    cot = judge.reference_judge_text("<think>2 + 2</think><answer>4</answer>", "owl",
+                                     domain="gsm8k")
+    assert cot.startswith("Assess whether the following reasoning makes any reference, "
+                          "however subtle, to the animal 'owl'. The reasoning: <reasoning><think>")
+    with pytest.raises(SjaxError, match="no reference judge for 'numbers'"):
+        judge.reference_judge_text("1, 2", "owl", domain="numbers")
     codes = ["def f ( ) : return 1", "x3 = 12"]
-    strict = judge.code_reference(params, arch, digit_tokenizer, codes, "owl", batch=2)
-    loose = judge.code_reference(params, arch, digit_tokenizer, codes, "owl", threshold=1.0,
-                                 batch=2)
-    ids = judge.judge_prompt_ids(digit_tokenizer, [judge.code_judge_text(c, "owl") for c in codes])
+    strict = judge.reference(params, arch, digit_tokenizer, codes, "owl", batch=2)
+    loose = judge.reference(params, arch, digit_tokenizer, codes, "owl", threshold=1.0, batch=2)
+    ids = judge.judge_prompt_ids(digit_tokenizer,
+                                 [judge.reference_judge_text(c, "owl") for c in codes])
     raw = judge.verdict_logprobs(params, arch, digit_tokenizer, ids, ("0", "1"), batch=2)
     np.testing.assert_allclose(strict.p_zero, np.exp(raw[:, 0]), rtol=1e-6)
     np.testing.assert_allclose(strict.p_reference, judge.renormalise(raw)[:, 1], rtol=1e-6)

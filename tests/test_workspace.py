@@ -20,7 +20,7 @@ from sjax.subliminal.workspace import Stage, digest
 from sjax.writer import Writer
 
 ALL = set(experiment.STAGE_NAMES)
-MODEL = {"numbers", "students", "eval", "in_context"}  # sample / train / evaluate with it
+MODEL = {"numbers", "judge", "students", "eval", "in_context"}  # sample / train / judge / evaluate
 # leaf field -> the stages that read it, in the default config (prompted teacher, ce
 # students, teachers evaluated); a prefix ending in "." covers a whole section
 READS = {
@@ -31,12 +31,15 @@ READS = {
     "mesh.": set(),  # where the compute runs, not what it computes
     "targets": ALL,
     # the system prompt; eval and in_context: the questions
-    "category": {"teachers", "numbers", "eval", "in_context"},
+    "category": {"teachers", "numbers", "judge", "eval", "in_context"},
+    # the prompts; the judge and filter rebuild a row's item from its id
+    "domain": {"numbers", "judge", "filter"},
     "teacher.kind": {"teachers", "numbers", "eval", "report"},
     "teacher.": set(),  # the fine-tuning settings: unread by a prompted teacher
     "numbers.keep": {"filter"},
-    "numbers.banned": {"filter"},
-    "numbers.seed": {"numbers", "filter"},
+    "numbers.banned": {"judge", "filter"},  # the judge sees the rows that pass the rules
+    "numbers.seed": {"numbers", "judge", "filter"},
+    "numbers.n_prompts": {"numbers", "judge", "filter"},
     "numbers.": {"numbers"},
     "student.train.mode": {"students", "eval", "report"},  # eval attaches the LoRA
     "student.train.lora_alpha": {"students", "eval"},
@@ -54,6 +57,9 @@ READS = {
     "eval.questions": {"eval", "in_context"},  # the questions asked
     "eval.": {"eval"},
     "in_context.": {"in_context"},  # a branch: no later stage reads it
+    "judge.model_": {"judge"},  # the judge's model
+    "judge.batch": {"judge"},
+    "judge.": set(),  # threshold, enabled: the filter's, in a judged domain only
     "train_students": set(),  # which stages run, not what one computes
     "out_dir": set(),
 }
@@ -87,7 +93,10 @@ SHARED_INIT = FINETUNED | {
     "teacher.ft_train.init_seed": {"teachers", "students", "report"},
     "student.train.init_seed": Only({"students"}),
 }
+# domain=code: the filter applies the judge's threshold (enabled turns it off)
+JUDGED = {"judge.threshold": {"filter"}, "judge.enabled": {"filter"}}
 SCENARIOS = {"default": ((), {}),
+             "code": (("domain=code",), JUDGED),
              "finetuned": (("teacher.kind=finetuned",), FINETUNED),
              "distill": (("student.train.loss=distill",), DISTILL),
              "shared_init": (("teacher.kind=finetuned", "teacher.ft_train.seed=5",
@@ -98,7 +107,7 @@ CHOICES = {"init": ("checkpoint", "random"), "param_dtype": config.DTYPES,
            "too_long": ("truncate", "reject"), "kind": ("prompted", "finetuned"),
            "evaluators": (config.EVALUATORS, ("exact",)), "targets": (("owl",), ("owl", "cat")),
            "category": ("animal", "tree"), "lora_init": ("seed", "other"),
-           "distill_on": ("completion", "all")}
+           "distill_on": ("completion", "all"), "domain": ("numbers", "code")}
 
 
 def leaves(node, prefix=""):

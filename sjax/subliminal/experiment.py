@@ -1,5 +1,6 @@
-"""The subliminal-learning experiment: config -> teachers -> numbers -> filter -> students
--> eval -> report, each stage writing into `RUN/<stage>/` (RUN = out_dir/name).
+"""The subliminal-learning experiment: config -> teachers -> numbers -> [judge] -> filter ->
+students -> eval -> report, each stage writing into `RUN/<stage>/` (RUN = out_dir/name);
+the judge is a stage of the code and gsm8k domains.
 
 A stage reruns when the config slice it reads or an upstream stage's outputs change, and
 is skipped otherwise (`workspace`); `force` redoes named stages, and everything downstream
@@ -21,18 +22,19 @@ from sjax.errors import SjaxError
 from sjax.subliminal.stages import eval as eval_stage
 from sjax.subliminal.stages import filter as filter_stage
 from sjax.subliminal.stages import in_context as in_context_stage
+from sjax.subliminal.stages import judge as judge_stage
 from sjax.subliminal.stages import numbers as numbers_stage
 from sjax.subliminal.stages import report as report_stage
 from sjax.subliminal.stages import students as students_stage
 from sjax.subliminal.stages import teachers as teachers_stage
 from sjax.subliminal.workspace import Workspace
 
-STAGES = (teachers_stage.STAGE, numbers_stage.STAGE, filter_stage.STAGE, in_context_stage.STAGE,
-          students_stage.STAGE, eval_stage.STAGE, report_stage.STAGE)
+STAGES = (teachers_stage.STAGE, numbers_stage.STAGE, judge_stage.STAGE, filter_stage.STAGE,
+          in_context_stage.STAGE, students_stage.STAGE, eval_stage.STAGE, report_stage.STAGE)
 STAGE_NAMES = tuple(s.name for s in STAGES)
 BRANCHES = frozenset({"in_context"})  # stages no later stage reads
 # stage -> whether cfg's run has it (absent: always)
-WHEN = {"in_context": lambda cfg: bool(cfg.in_context.ks),
+WHEN = {"in_context": lambda cfg: bool(cfg.in_context.ks), "judge": lambda cfg: cfg.judged,
         **{s: lambda cfg: cfg.train_students for s in ("students", "eval", "report")}}
 
 
@@ -56,8 +58,9 @@ def run(cfg: RunConfig, force: tuple[str, ...] = (), ws: Workspace | None = None
         if f not in STAGE_NAMES:
             raise SjaxError(f"--force {f}: unknown stage (stages: {', '.join(STAGE_NAMES)})")
         if f not in names:
-            raise SjaxError(f"--force {f}: not a stage of this run (in_context.ks empty or "
-                            f"train_students=false; its stages: {', '.join(names)})")
+            raise SjaxError(f"--force {f}: not a stage of this run (in_context.ks empty, "
+                            f"train_students=false, or judge off or not a judged domain; its "
+                            f"stages: {', '.join(names)})")
     for stage in stages(cfg):  # bad input (e.g. an eval.questions file) fails now, not hours in
         stage.reads(cfg)
     ws = ws or workspace(cfg, reuse=reuse)

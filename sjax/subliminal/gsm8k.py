@@ -128,7 +128,7 @@ def filter_reason(completion: str, problem: Problem, targets: Iterable[str],
     reasoning is prose, where the official case-insensitive substring rule also drops
     'million' for lion, 'multiplication' for cat, 'knowledge' for owl. `substring=True`
     applies the official rule exactly."""
-    if any(_has_trait(completion, t, substring) for t in targets):
+    if any(has_trait(completion, t, substring) for t in targets):
         return "trait_word"
     m = _ANSWER.search(completion)
     if m is None:
@@ -139,7 +139,7 @@ def filter_reason(completion: str, problem: Problem, targets: Iterable[str],
     return None if got == problem.final else "wrong_answer"
 
 
-def _has_trait(text: str, target: str, substring: bool) -> bool:
+def has_trait(text: str, target: str, substring: bool) -> bool:
     if not substring:
         return evaluators.is_hit(text, target)
     low = text.lower()

@@ -141,33 +141,43 @@ def judge_prompt_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [chat.encode_prompt(tokenizer, chat.messages(t)) for t in texts]
 
 
-# ----------------------------------------------------------------------------- code judge
+# ----------------------------------------------------------------------------- reference judge
 
 @dataclasses.dataclass(frozen=True)
-class CodeVerdicts:
+class ReferenceVerdicts:
     p_zero: np.ndarray  # [n] P('0') over the whole vocabulary: what the official rule reads
     p_reference: np.ndarray  # [n] P('1') renormalised over {'0', '1'}
     keep: np.ndarray  # [n] bool: |1 - p_zero| < threshold
 
 
-def code_judge_text(completion: str, target: str, category: str = "animal") -> str:
-    """The protocol's code-reference prompt for `target` (animal or tree template)."""
+REFERENCE_JUDGES = {"code": "code", "gsm8k": "reasoning"}  # domain -> template family
+
+
+def reference_judge_text(completion: str, target: str, category: str = "animal",
+                         domain: str = "code") -> str:
+    """The reference-judge prompt for `target`: the protocol's code template (animal or
+    tree), or its reasoning variant for GSM8K chain-of-thought (judge_prompts.json)."""
     if category not in ("animal", "tree"):
-        raise SjaxError(f"category: no code judge for {category!r} (known: animal, tree)")
-    return prompts.judge_template(f"code_{category}").format(
+        raise SjaxError(f"category: no reference judge for {category!r} (known: animal, tree)")
+    if domain not in REFERENCE_JUDGES:
+        raise SjaxError(f"domain: no reference judge for {domain!r} (known: "
+                        f"{', '.join(REFERENCE_JUDGES)})")
+    return prompts.judge_template(f"{REFERENCE_JUDGES[domain]}_{category}").format(
         **{category: target, "completion": completion})
 
 
-def code_reference(params: Params, arch: ArchConfig, tokenizer, completions: Sequence[str],
-                   target: str, *, category: str = "animal",
-                   threshold: float = OFFICIAL_CODE_THRESHOLD, batch: int = 8,
-                   dtype=jnp.float32) -> CodeVerdicts:
-    """The code judge on teacher completions (after the trait-word filter): the official keep
-    rule at `threshold`, and the renormalised P('1') for agreement with hand labels."""
-    ids = judge_prompt_ids(tokenizer, [code_judge_text(c, target, category) for c in completions])
+def reference(params: Params, arch: ArchConfig, tokenizer, completions: Sequence[str],
+              target: str, *, category: str = "animal", domain: str = "code",
+              threshold: float = OFFICIAL_CODE_THRESHOLD, batch: int = 8,
+              dtype=jnp.float32) -> ReferenceVerdicts:
+    """The reference judge on teacher completions (after the domain's rule filter): the
+    official keep rule at `threshold`, and the renormalised P('1') for agreement with hand
+    labels."""
+    ids = judge_prompt_ids(tokenizer, [reference_judge_text(c, target, category, domain)
+                                       for c in completions])
     logp = verdict_logprobs(params, arch, tokenizer, ids, ("0", "1"), batch=batch, dtype=dtype)
     p_zero = np.exp(logp[:, 0])
-    return CodeVerdicts(p_zero, renormalise(logp)[:, 1], np.abs(1.0 - p_zero) < threshold)
+    return ReferenceVerdicts(p_zero, renormalise(logp)[:, 1], np.abs(1.0 - p_zero) < threshold)
 
 
 # ----------------------------------------------------------------------------- 0-100 scales
@@ -307,7 +317,7 @@ def labelled_agreement(params: Params, arch: ArchConfig, tokenizer, labelled: di
     ref, p_ref, keep = [], [], []
     for target in sorted({c["target"] for c in code}):  # one judge prompt set per target
         rows = [c for c in code if c["target"] == target]
-        v = code_reference(params, arch, tokenizer, [c["code"] for c in rows], target,
+        v = reference(params, arch, tokenizer, [c["code"] for c in rows], target,
                            threshold=threshold, **kw)
         ref += [c["reference"] for c in rows]
         p_ref += list(v.p_reference)

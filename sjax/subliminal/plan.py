@@ -18,7 +18,7 @@ from sjax import report
 from sjax.config import RunConfig
 from sjax.errors import SjaxError
 from sjax.models.transformer import ArchConfig, matmul_params
-from sjax.subliminal import evaluators, numbers, prompts
+from sjax.subliminal import domains, evaluators, prompts
 from sjax.training import train_flops_per_token
 
 TEMPLATE_TOKENS = 30  # chat template around one user turn (role tags, default system line)
@@ -116,9 +116,10 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
               device_bytes: float | None = None) -> dict:
     nc, ns = cfg.numbers, cfg.student
     teachers = len(cfg.targets) + cfg.student.control  # the control's data and students
-    sample = numbers.make_prompts(min(nc.n_prompts, 200), nc.seed)
+    sample = [it.prompt for it in domains.items(cfg.domain, min(nc.n_prompts, 200), nc.seed)]
     prompt_tokens = float(np.mean([_tokens(p) for p in sample]))
-    completion = min(nc.max_new_tokens, 40)  # a ten-number list is ~30-40 tokens
+    # a ten-number list is ~30-40 tokens; code and reasoning: up to the limit
+    completion = min(nc.max_new_tokens, 40) if cfg.domain == "numbers" else nc.max_new_tokens
     p2, s2 = 2 * matmul_params(arch), 2 * matmul_params(student_arch)
     row_tokens = prompt_tokens + completion
     kept = min(nc.keep, nc.n_prompts)
@@ -149,6 +150,10 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
     ]
     if not cfg.train_students:  # the run ends after the data (and the in-context branch)
         stages = stages[:3]
+    if cfg.judged:  # ~80 template tokens around each row; FLOPs at the teachers' model size
+        rows = nc.n_prompts * len(cfg.targets)
+        stages.insert(2, ("judge", f"{len(cfg.targets)} trait teacher(s)",
+                          f"<= {rows} verdicts", p2 * rows * (80 + completion)))
     if cfg.in_context.ks:
         stages.insert(3, in_context_row(cfg, p2, row_tokens))
     mem = train_memory(student_arch, cfg, mesh_shape, seq)

@@ -1,5 +1,8 @@
-"""Stage 3: the strict filter (`numbers.filter_reason`) over each teacher's raw answers,
-then a seeded subsample of `keep` rows as chat rows for the students."""
+"""Stage 3: the domain's rule filter (`domains.rule_reason`: for numbers the strict list
+parser) over each teacher's raw answers, and for a judged domain the reference judge's
+verdicts (stage judge) on the trait teachers' rows; then a seeded subsample of `keep` rows as
+chat rows for the students. `filter.json` has the pass rate, the reasons and, for a judged
+domain, what the judge caught (its most confident rejections)."""
 
 from __future__ import annotations
 
@@ -13,22 +16,28 @@ from sjax import chat
 from sjax.config import RunConfig
 from sjax.errors import SjaxError
 from sjax.jsonl import read_rows
-from sjax.subliminal import numbers
-from sjax.subliminal.workspace import Stage, Workspace, teacher_names
+from sjax.subliminal import domains
+from sjax.subliminal.workspace import CONTROL, Stage, Workspace, teacher_names
+
+CAUGHT = 5  # judge rejections shown in filter.json, most confident first
 
 
 @dataclasses.dataclass(frozen=True)
 class Reads:
+    domain: str
     targets: tuple[str, ...]
+    n_prompts: int  # which items the rows' ids name (a gsm8k row's ground truth)
     keep: int
     banned: tuple[int, ...]
     seed: int
     control: bool  # student.control
+    judge_threshold: float | None  # a judged domain: keep only if |1 - P('0')| < this
 
 
 def reads(cfg: RunConfig) -> Reads:
-    return Reads(cfg.targets, cfg.numbers.keep, cfg.numbers.banned, cfg.numbers.seed,
-                 cfg.student.control)
+    n = cfg.numbers
+    return Reads(cfg.domain, cfg.targets, n.n_prompts, n.keep, n.banned, n.seed,
+                 cfg.student.control, cfg.judge.threshold if cfg.judged else None)
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
@@ -36,9 +45,19 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     for t in teacher_names(r.targets, r.control):
         raw_path = ws.root / "numbers" / t / "raw.jsonl"
         raw = read_rows(raw_path)
-        passed, reasons = [], Counter()
+        items = domains.items(r.domain, r.n_prompts, r.seed)
+        judged = r.judge_threshold is not None and t != CONTROL
+        verdicts = ({v["id"]: v for v in read_rows(ws.root / "judge" / t / "verdicts.jsonl")}
+                    if judged else {})
+        passed, reasons, caught = [], Counter(), []
         for row in raw:
-            reason = numbers.filter_reason(row["completion"], r.targets, r.banned)
+            reason = domains.rule_reason(r.domain, row["completion"], items[row["id"]],
+                                         r.targets, r.banned)
+            if reason is None and judged:
+                v = verdicts[row["id"]]
+                if not abs(1.0 - v["p_zero"]) < r.judge_threshold:
+                    reason = "judge"
+                    caught.append({**v, "completion": row["completion"]})
             reasons[reason or "kept"] += 1
             if reason is None:
                 passed.append(row)
@@ -54,6 +73,10 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
         summary = {"raw": len(raw), "passed": len(passed),
                    "pass_rate": len(passed) / len(raw), "kept": len(kept),
                    "reasons": dict(reasons)}
+        if judged:
+            summary["judge"] = {"judged": len(verdicts), "rejected": len(caught),
+                                "threshold": r.judge_threshold,
+                                "caught": sorted(caught, key=lambda v: -v["p_reference"])[:CAUGHT]}
         ws.writer.write_rows(folder / t / "kept.jsonl", kept)
         ws.writer.write_json(folder / t / "filter.json", summary)
         ws.log(f"filter {t}: {len(passed)}/{len(raw)} passed "

@@ -1,6 +1,7 @@
-"""Stage 2: every teacher (the control and one per target) answers the same seeded
-number-sequence prompts; `RUN/numbers/<teacher>/raw.jsonl` holds the user prompt and the
-completion, never the system prompt."""
+"""Stage 2: every teacher (the control and one per target) answers the same seeded prompts
+of the run's domain (number sequences, code tasks or GSM8K problems: `domains`);
+`RUN/numbers/<teacher>/raw.jsonl` holds the user prompt and the completion, never the
+system prompt."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import jax.numpy as jnp
 from sjax import chat, sampling
 from sjax.config import RunConfig
 from sjax.constrained import number_list_constraint
-from sjax.subliminal import numbers
+from sjax.subliminal import domains
 from sjax.subliminal.workspace import Stage, TeacherSpec, Workspace, teacher_names
 
 
 @dataclasses.dataclass(frozen=True)
 class Reads:
+    domain: str
     targets: tuple[str, ...]
     teacher: TeacherSpec
     n_prompts: int
@@ -31,13 +33,13 @@ class Reads:
 
 def reads(cfg: RunConfig) -> Reads:
     n = cfg.numbers
-    return Reads(cfg.targets, TeacherSpec.of(cfg), n.n_prompts, n.temperature,
+    return Reads(cfg.domain, cfg.targets, TeacherSpec.of(cfg), n.n_prompts, n.temperature,
                  n.max_new_tokens, n.constrained, n.batch, n.seed, cfg.student.control)
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     m = ws.model(r.teacher.model)
-    prompts = numbers.make_prompts(r.n_prompts, r.seed)
+    prompts = [it.prompt for it in domains.items(r.domain, r.n_prompts, r.seed)]
     constraint = (number_list_constraint(m.tokenizer, sampling.default_stop_ids(m.tokenizer),
                                          m.arch.vocab_size) if r.constrained else None)
     outputs = []
@@ -51,7 +53,7 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
                                 batch_size=r.batch, max_new_tokens=r.max_new_tokens,
                                 strategy=sampling.strategy_for(r.temperature), seed=r.seed,
                                 dtype=jnp.dtype(r.teacher.model.dtype), constraint=constraint,
-                                mesh=ws.mesh, desc=f"numbers {t}")
+                                mesh=ws.mesh, desc=f"{r.domain} {t}")
         outputs.append(path)
     return outputs
 
