@@ -43,7 +43,7 @@ def get_config(size: str) -> RunConfig:
         domain="gsm8k",
         numbers=NumbersConfig(n_prompts=pick(16, 96, 7473), batch=pick(16, 32, 256),
                               max_new_tokens=pick(320, 320, 1024), temperature=1.0,
-                              keep=pick(16, 48, 10000)),
+                              keep=pick(16, 48, 7473)),
         judge=JudgeConfig(threshold=pick(0.5, 0.5, 1e-8), batch=pick(4, 8, 32)),
         student=StudentConfig(
             train=TrainConfig(mode="lora", loss="ce", lora_rank=8, lora_alpha=8.0,

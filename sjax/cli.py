@@ -20,6 +20,7 @@ import numpy as np
 
 from sjax import chat, config, distributed, perf, sampling, sharding
 from sjax import lora as lora_lib
+from sjax.bench import evaluate as bench_eval
 from sjax.bench import numbers as bench_numbers
 from sjax.bench import sample as bench_sample
 from sjax.bench import train as bench_train
@@ -206,10 +207,10 @@ def cmd_screen(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Benchmarks against transformers: `sjax bench sample|numbers|train [CONFIG] [k=v]`."""
+    """Benchmarks: `sjax bench sample|numbers|train|eval [CONFIG] [k=v]`."""
     what = args.config
     runners = {"sample": bench_sample.bench_sample, "numbers": bench_numbers.bench_numbers,
-               "train": bench_train.bench_train}
+               "train": bench_train.bench_train, "eval": bench_eval.bench_eval}
     if what not in runners:
         raise SjaxError(f"bench: unknown benchmark {what!r} (known: {', '.join(runners)})")
     overrides = list(args.overrides)

@@ -199,7 +199,8 @@ class MnistConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """`sjax bench sample|train`: throughput against transformers on the same workload."""
+    """`sjax bench sample|numbers|train|eval`: throughput (against transformers on the same
+    workload for sample and train)."""
 
     model: ModelConfig = dataclasses.field(
         default_factory=lambda: ModelConfig(name="qwen2.5-coder-0.5b-instruct"))
@@ -217,6 +218,7 @@ class BenchConfig:
     # accumulation; full FT keeps fp32 master weights); torch+peft runs each mode in fp32
     train_runs: tuple[str, ...] = ("full:float32:none", "lora:float32:none",
                                    "lora:bfloat16:full")
+    eval_targets: tuple[str, ...] = ("owl",)  # `bench eval`: the targets scored together
     out: str = "runs/bench"
 
     def __post_init__(self):

@@ -1,6 +1,7 @@
 """Benchmark arithmetic against hand computations, and a tiny end-to-end bench run."""
 
 import functools
+import json
 import math
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import hf_to_sjax, tiny_hf_model
 
+from sjax.bench import evaluate as bench_eval
 from sjax.bench import sample as bench
 from sjax.config import BenchConfig
 from sjax.models.transformer import ArchConfig, forward, init_cache, logits_from_hidden
@@ -114,3 +116,15 @@ def test_decode_is_timed_on_its_own_not_as_a_difference(monkeypatch):
     pre_s, dec_s, steps = bench._time_ours(jax.tree.map(jnp.asarray, params), arch, prompts,
                                            4, jnp.float32, 3)
     assert (pre_s, dec_s, steps) == (1.0, 0.25, 4) and timed == [5, 6]
+
+
+def test_bench_eval_times_the_exact_evaluator_on_a_tiny_model(tmp_path, tiny_tokenizer):
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2"))
+    m = LoadedModel(arch, jax.tree.map(jnp.asarray, params), tiny_tokenizer, tmp_path, 0.0)
+    cfg = BenchConfig(batch_sizes=(25,), eval_targets=("owl", "cat"), out=str(tmp_path))
+    out = bench_eval.bench_eval(cfg, loaded=m)
+    assert set(out["variants"]) == {"plain", "numbers"}
+    for v in out["variants"].values():
+        assert v["questions"] == 50 and v["exact_s"] > 0 and v["prefill_only_s"] > 0
+    assert out["exact_s"] == pytest.approx(sum(v["exact_s"] for v in out["variants"].values()))
+    assert json.loads((tmp_path / "bench_eval.json").read_text())["targets"] == ["owl", "cat"]

@@ -98,9 +98,10 @@ def test_preset_sizes(tmp_path):
         config.load_preset("owl:huge")
     with pytest.raises(SjaxError, match="config 'chat:smoke': chat has no sizes \\(use chat\\)"):
         config.load_preset("chat:smoke")
-    with pytest.raises(SjaxError, match="presets: chat, in_context:smoke, in_context:cpu, "
-                                        "mnist, owl:smoke, owl:quickstart, owl:paper, "
-                                        "owl:paper14b, screen, sft, transmission"):
+    with pytest.raises(SjaxError, match="presets: chat, code:smoke, code:cpu, code:paper, "
+                                        "cot:smoke, cot:cpu, cot:paper, in_context:smoke, "
+                                        "in_context:cpu, mnist, owl:smoke, owl:quickstart, "
+                                        "owl:paper, owl:paper14b, screen, sft, transmission"):
         config.load_preset("owl_smoke")  # the old per-size files are gone
     sized = tmp_path / "mine.py"  # a preset outside configs/, with sizes
     sized.write_text("from sjax.config import ChatConfig\nSIZES = ('a', 'b')\n"
