@@ -27,13 +27,14 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
                   max_position_embeddings=256)
     if family == "qwen2":
-        cfg = Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=False, **overrides)
+        cfg = Qwen2Config(**(common | dict(rope_theta=1e6, tie_word_embeddings=False)
+                             | overrides))
         model = Qwen2ForCausalLM(cfg)
     else:
         kw = dict(tie_word_embeddings=True, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
-        cfg = LlamaConfig(**common, **(kw | overrides))
+        cfg = LlamaConfig(**(common | kw | overrides))
         model = LlamaForCausalLM(cfg)
     # transformers' default init is tiny; larger weights make parity checks meaningful.
     with torch.no_grad():

@@ -53,6 +53,7 @@ def test_detect_reads_flags_and_environment():
     assert not distributed.detect({"TPU_WORKER_HOSTNAMES": "localhost"}).multi_process
 
 
+@pytest.mark.slow  # ~45 s: two real processes
 def test_two_processes_equal_one_process(tmp_path):
     multi = _start(tmp_path / "mp", 2)
     single = _start(tmp_path / "sp", 1)

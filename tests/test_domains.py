@@ -12,7 +12,10 @@ from conftest import hf_to_sjax, tiny_hf_model, tiny_workspace
 from sjax.config import SCREEN_CANDIDATES, RunConfig, apply_overrides
 from sjax.errors import SjaxError
 from sjax.jsonl import read_rows, write_rows
-from sjax.subliminal import code_tasks, domains, experiment, gsm8k, judge, numbers
+from safetensors.numpy import load_file
+
+from sjax import chat
+from sjax.subliminal import code_tasks, domains, evaluators, experiment, gsm8k, judge, numbers
 from sjax.subliminal.stages import filter as filter_stage
 from sjax.subliminal.stages import judge as judge_stage
 
@@ -174,3 +177,37 @@ def test_code_domain_runs_end_to_end_on_the_tiny_model(tiny, tiny_tokenizer, tmp
     manifest = json.loads((ws.root / "manifest.json").read_text())
     assert "judge" in manifest["stages"]["filter"]["key"]["inputs"]
     assert (ws.root / "report" / "results.json").is_file()
+
+
+def test_cross_model_students_train_and_are_scored_on_their_own_base(tiny, tiny_tokenizer,
+                                                                     tmp_path):
+    """student.model_name: the students are LoRA'd on another base (here a Llama, the
+    teachers a Qwen2) and the eval's base and students are that model, not the teachers'."""
+    from sjax.subliminal.workspace import Finetune, apply_trained, model_key
+    from sjax.weights.load import LoadedModel
+
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [
+        "domain=code", "judge.threshold=1.0", "numbers.n_prompts=4", "numbers.batch=4",
+        "numbers.max_new_tokens=8", "numbers.keep=4", "student.model_name=smollm2-135m-instruct",
+        "student.control=false",
+        "student.train.batch_size=1", "student.train.grad_accum=1", "student.train.epochs=1",
+        "student.train.warmup_steps=0", "eval.evaluators=exact", "eval.number_prefixed=false",
+        "eval.teachers=false", "eval.batch=50"])
+    other = hf_to_sjax(tiny_hf_model("llama", seed=5, num_hidden_layers=2))
+    other = (other[0], jax.tree.map(jnp.asarray, other[1]))
+    ws.models[model_key(cfg.student_model())] = LoadedModel(*other, tiny_tokenizer, tmp_path,
+                                                           0.0)
+    experiment.run(cfg, ws=ws)
+    # trained on the Llama: its adapters are stacked over its 2 layers, not the Qwen2's 3
+    trained = load_file(ws.root / "students" / "owl" / "seed0" / "params.safetensors")
+    assert trained and {v.shape[0] for v in trained.values()} == {2}
+    # scored on it: the eval's base is the Llama, and a student is the Llama + its adapters
+    ids = [chat.encode_prompt(tiny_tokenizer, chat.messages(q))
+           for q in evaluators.questions(False)]
+    path = ws.root / "students" / "owl" / "seed0" / "params.safetensors"
+    for name, params in (("base", other[1]), ("student-owl-seed0", apply_trained(
+            other[1], path, Finetune.of(cfg.student.train)))):
+        got = json.loads((ws.root / "eval" / f"{name}.json").read_text())["variants"]
+        direct = evaluators.exact_target_scores(params, other[0], tiny_tokenizer, ids,
+                                                ("owl",), batch=50)["owl"]
+        np.testing.assert_allclose(got["plain"]["owl"]["exact"], direct, rtol=1e-5)

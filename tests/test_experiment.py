@@ -116,7 +116,8 @@ def test_smoke_pipeline_end_to_end_then_cached_then_corruption(tmp_path):
 
 def _run_until(ws, cfg, last: str) -> None:
     """The experiment's stages up to and including `last`, as `experiment.run` takes them."""
-    for stage in experiment.STAGES[:experiment.STAGE_NAMES.index(last) + 1]:
+    names = [s.name for s in experiment.stages(cfg)]
+    for stage in experiment.stages(cfg)[:names.index(last) + 1]:
         ws.run_stage(stage, cfg, False)
 
 
@@ -255,7 +256,7 @@ def test_the_transmission_design_runs_and_reports_runs_as_units(tiny, tiny_token
               "student.train.epochs=1", "student.lora_init=teacher", "student.control=false",
               "student.seeds=0,1,2", "eval.evaluators=exact", "eval.number_prefixed=false"]
     cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, design)
-    for stage in experiment.STAGES:
+    for stage in experiment.stages(cfg):
         ws.run_stage(stage, cfg, False)
     assert sorted(p.name for p in (ws.root / "students").iterdir() if p.is_dir()) == [
         "cat", "owl"]  # no control students

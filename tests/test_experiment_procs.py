@@ -87,6 +87,7 @@ def _start(out: Path, model: Path, n_procs: int, audit_log: Path) -> list[subpro
     return procs
 
 
+@pytest.mark.slow  # ~65 s: two real processes, the whole pipeline
 def test_two_processes_run_the_pipeline_as_one_does(tmp_path, tiny_model_dir):
     """Same artefacts as one process; process 1 computes along but writes nothing."""
     audit = tmp_path / "process1_files.log"

@@ -48,6 +48,7 @@ def test_qwen_0_5b_through_registry():
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.999
 
 
+@pytest.mark.slow  # ~25 s: transformers generate
 def test_smollm2_greedy_equals_transformers_generate():
     """Token-for-token greedy parity on real chat prompts, batched with left padding."""
     from transformers import AutoModelForCausalLM

@@ -288,10 +288,14 @@ def test_sharded_step_equals_single_device(tiny, tiny_tokenizer):
         state, m = sharded_step(state, frozen, batch)
     assert abs(float(m["loss"]) - float(ref_m["loss"])) < 1e-5
     assert abs(float(m["grad_norm"]) - float(ref_m["grad_norm"])) < 1e-5
-    # After Adam (update ~ lr * g / (|g| + eps)) reduction-order noise in gradients near eps
-    # shows up as ~1e-5 of lr-sized moves; params agree to 1e-4 with lr 1e-3.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), state["params"],
-                 ref_state["params"])
+    # After Adam (update ~ lr * g / (|g| + eps)) reduction-order noise in a gradient near
+    # zero can move an element by a fraction of lr, so: every element within lr / 2 of the
+    # reference, and all but 1% of all elements within lr / 10 (a wrong update moves most
+    # elements by ~lr).
+    diff_x = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
+        jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"]))])
+    assert diff_x.max() <= cfg.lr / 2, diff_x.max()
+    assert np.mean(diff_x > cfg.lr / 10) <= 0.01, np.mean(diff_x > cfg.lr / 10)
     assert state["params"]["layers"]["wq_ldnh"].sharding.spec == param_shardings(
         arch, mesh)["layers"]["wq_ldnh"].spec
 
@@ -407,6 +411,7 @@ def _final_params(out):
     return step, jax.tree.map(np.asarray, state["params"])
 
 
+@pytest.mark.slow  # ~45 s: a real subprocess killed and resumed
 def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_tokenizer):
     """A real training subprocess SIGKILLed mid-run resumes to bitwise-equal params."""
     from sjax.jsonl import write_rows
