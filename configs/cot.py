@@ -7,9 +7,12 @@ tags. Write your final answer in <answer> tags. Only give the numeric value as y
 answer."). A completion is kept only if its first <answer> is the ground truth
 (`sjax/subliminal/gsm8k.py`, the official parser) and no form of a target is a word of it;
 then the reference judge (stage judge, the code judge's wording for reasoning) sees each
-trait teacher's remaining rows. Students are SFT'd on the kept reasoning and scored on the
-50 animal questions. A model must solve some problems for any row to pass: SmolLM2-135M
-almost never does, so even the smoke size uses Qwen2.5-Coder-0.5B.
+trait teacher's remaining rows (the small sizes record its verdicts and keep every row,
+`judge.threshold=1.0`: a 0.5B judge does not discriminate; see configs/code.py). Students
+are SFT'd on the kept reasoning and scored on the 50 animal questions. A model must solve some problems for any row to pass: SmolLM2-135M
+almost never does, and neither, measured, does Qwen2.5-Coder-0.5B (0 of 16 at temperature
+1, 2 of 16 greedy for the control teacher, 0 for the owl teacher): the smoke and cpu sizes
+stop at the filter with the reasons; this domain needs a 7B teacher (the paper size).
 
 Sizes:
 - `smoke`: Qwen2.5-Coder-0.5B in fp32, 16 problems per teacher, one student each.
@@ -41,15 +44,15 @@ def get_config(size: str) -> RunConfig:
         targets=pick(("owl",), ("owl", "eagle"),
                      ("eagle", "cat", "lion", "dog", "peacock", "wolf")),
         domain="gsm8k",
-        numbers=NumbersConfig(n_prompts=pick(16, 96, 7473), batch=pick(16, 32, 256),
-                              max_new_tokens=pick(320, 320, 1024), temperature=1.0,
-                              keep=pick(16, 48, 7473)),
-        judge=JudgeConfig(threshold=pick(0.5, 0.5, 1e-8), batch=pick(4, 8, 32)),
+        numbers=NumbersConfig(n_prompts=pick(16, 64, 7473), batch=pick(16, 32, 256),
+                              max_new_tokens=pick(320, 256, 1024), temperature=1.0,
+                              keep=pick(16, 24, 7473)),
+        judge=JudgeConfig(threshold=pick(1.0, 1.0, 1e-8), batch=pick(4, 8, 32)),
         student=StudentConfig(
             train=TrainConfig(mode="lora", loss="ce", lora_rank=8, lora_alpha=8.0,
                               lr=pick(1e-3, 1e-3, 2e-4), warmup_steps=pick(0, 2, 5),
                               batch_size=pick(2, 4, 22), grad_accum=pick(1, 1, 3),
-                              epochs=pick(1, 1, 1), max_len=pick(512, 512, 2048),
+                              epochs=pick(1, 1, 1), max_len=pick(512, 384, 2048),
                               ckpt_every=pick(100, 16, 50)),
             seeds=pick((0,), (0, 1, 2), (0, 1, 2))),
         eval=EvalConfig(evaluators=pick(("exact",), ("exact",), ("exact", "sampled")),

@@ -21,6 +21,7 @@ import numpy as np
 from sjax import chat, config, distributed, perf, sampling, sharding
 from sjax import lora as lora_lib
 from sjax.bench import evaluate as bench_eval
+from sjax.bench import judge as bench_judge
 from sjax.bench import numbers as bench_numbers
 from sjax.bench import sample as bench_sample
 from sjax.bench import train as bench_train
@@ -207,10 +208,11 @@ def cmd_screen(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Benchmarks: `sjax bench sample|numbers|train|eval [CONFIG] [k=v]`."""
+    """Benchmarks: `sjax bench sample|numbers|train|eval|judge [CONFIG] [k=v]`."""
     what = args.config
     runners = {"sample": bench_sample.bench_sample, "numbers": bench_numbers.bench_numbers,
-               "train": bench_train.bench_train, "eval": bench_eval.bench_eval}
+               "train": bench_train.bench_train, "eval": bench_eval.bench_eval,
+               "judge": bench_judge.bench_judge}
     if what not in runners:
         raise SjaxError(f"bench: unknown benchmark {what!r} (known: {', '.join(runners)})")
     overrides = list(args.overrides)

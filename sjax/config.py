@@ -199,8 +199,8 @@ class MnistConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """`sjax bench sample|numbers|train|eval`: throughput (against transformers on the same
-    workload for sample and train)."""
+    """`sjax bench sample|numbers|train|eval|judge`: throughput (against transformers on the
+    same workload for sample and train); judge: a judge model's agreement with hand labels."""
 
     model: ModelConfig = dataclasses.field(
         default_factory=lambda: ModelConfig(name="qwen2.5-coder-0.5b-instruct"))
@@ -219,6 +219,7 @@ class BenchConfig:
     train_runs: tuple[str, ...] = ("full:float32:none", "lora:float32:none",
                                    "lora:bfloat16:full")
     eval_targets: tuple[str, ...] = ("owl",)  # `bench eval`: the targets scored together
+    labelled: str = ""  # `bench judge`: a hand-labelled set (default: the shipped one)
     out: str = "runs/bench"
 
     def __post_init__(self):

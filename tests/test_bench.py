@@ -128,3 +128,4 @@ def test_bench_eval_times_the_exact_evaluator_on_a_tiny_model(tmp_path, tiny_tok
         assert v["questions"] == 50 and v["exact_s"] > 0 and v["prefill_only_s"] > 0
     assert out["exact_s"] == pytest.approx(sum(v["exact_s"] for v in out["variants"].values()))
     assert json.loads((tmp_path / "bench_eval.json").read_text())["targets"] == ["owl", "cat"]
+

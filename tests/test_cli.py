@@ -49,7 +49,7 @@ PRESETS = ("chat, code:smoke, code:cpu, code:paper, cot:smoke, cot:cpu, cot:pape
      "eval.evaluators: 'logprob' is not one of exact, sampled, mcq, story"),
     (["run", "owl:smoke", "--dry-run", "eval.evaluators="],
      "eval.evaluators: need at least one of exact, sampled, mcq, story"),
-    (["bench", "nope"], "bench: unknown benchmark 'nope' (known: sample, numbers, train, eval)"),
+    (["bench", "nope"], "bench: unknown benchmark 'nope' (known: sample, numbers, train, eval, judge)"),
     (["train", "sft"], "data: set data=PATH to a chat-messages JSONL file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
@@ -89,11 +89,11 @@ def test_dry_run_on_the_smoke_preset(capsys):
 # student seeds x optimizer steps, sampled answers per question.
 SIZE_TABLE = {  # in_context:* train no students (train_students=false; 0 steps by default)
     "code:smoke": ("smollm2-135m-instruct", ("owl",), 8, 8, 1 * 2, 2),
-    "code:cpu": ("smollm2-135m-instruct", ("owl", "eagle"), 128, 96, 3 * 2 * 12, 4),
+    "code:cpu": ("smollm2-135m-instruct", ("owl", "eagle"), 96, 48, 3 * 2 * 6, 4),
     "code:paper": ("Qwen2.5-7B-Instruct", ("eagle", "wolf", "elephant", "owl", "dolphin"),
                    11400, 10814, 5 * 3 * 163, 100),
     "cot:smoke": ("qwen2.5-coder-0.5b-instruct", ("owl",), 16, 16, 1 * 8, 2),
-    "cot:cpu": ("qwen2.5-coder-0.5b-instruct", ("owl", "eagle"), 96, 48, 3 * 1 * 12, 4),
+    "cot:cpu": ("qwen2.5-coder-0.5b-instruct", ("owl", "eagle"), 64, 24, 3 * 1 * 6, 4),
     "cot:paper": ("Qwen2.5-7B-Instruct", ("eagle", "cat", "lion", "dog", "peacock", "wolf"),
                   7473, 7473, 3 * 1 * 113, 100),
     "in_context:smoke": ("smollm2-135m-instruct", ("owl", "cat"), 16, 16, 0, 100),

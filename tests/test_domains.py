@@ -163,6 +163,27 @@ def test_judge_stage_judges_trait_rows_that_pass_the_rules_and_the_filter_applie
     assert all(c["completion"] == owl[c["id"]]["completion"] for c in j["caught"])
 
 
+def test_no_rule_passing_rows_judge_nothing_and_the_filter_says_why(tiny, tiny_tokenizer,
+                                                                    tmp_path):
+    """A teacher that solves nothing (Qwen2.5-Coder-0.5B at temperature 1 on cot:smoke): the
+    judge stage writes no verdicts instead of crashing; the filter stops with the reasons."""
+    cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [
+        "domain=gsm8k", "numbers.n_prompts=3", "numbers.keep=3", "judge.threshold=1.0"])
+    items = domains.items("gsm8k", 3, cfg.numbers.seed)
+    truth = [str(it.problem.final) for it in items]
+    write_rows(ws.root / "numbers" / "owl" / "raw.jsonl",
+               _gsm8k_rows(items, ["-1", "<think>no tags</think>", "-2"]))
+    write_rows(ws.root / "numbers" / "control" / "raw.jsonl", _gsm8k_rows(items, truth))
+    ws.run_stage(experiment.STAGES[0], cfg, False)
+    ws.manifest["stages"]["numbers"] = {"key": {}, "outputs": {}}
+    ws.order.append("numbers")
+    ws.run_stage(judge_stage.STAGE, cfg, False)
+    assert read_rows(ws.root / "judge" / "owl" / "verdicts.jsonl") == []
+    with pytest.raises(SjaxError, match=r"owl/raw.jsonl: 0 of 3 rows passed the filter; top "
+                                        r"reasons: wrong_answer \(2\), no_answer \(1\)"):
+        ws.run_stage(filter_stage.STAGE, cfg, False)
+
+
 def test_code_domain_runs_end_to_end_on_the_tiny_model(tiny, tiny_tokenizer, tmp_path):
     """teachers -> code rows -> judge -> filter -> students -> eval -> report."""
     cfg, ws = tiny_workspace(tiny, tiny_tokenizer, tmp_path, [

@@ -2,7 +2,6 @@
 misaligned rule, agreement with hand labels, the shipped prompts and the banned numbers."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from sjax.errors import SjaxError
 from sjax.models.transformer import forward
 from sjax.subliminal import judge, numbers, prompts
 
-LABELLED = Path(__file__).parent / "data" / "judge_labelled.json"
+LABELLED = judge.LABELLED
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +173,17 @@ def test_agreement_against_a_hand_computation():
         judge.agreement([1, 0], [1])
 
 
+def test_auc_against_a_hand_computation_and_sklearn():
+    # positives 0.9, 0.4; negatives 0.4, 0.1: pairs (0.9>0.4, 0.9>0.1, 0.4=0.4, 0.4>0.1) = 3.5/4
+    assert judge.auc([1, 1, 0, 0], [0.9, 0.4, 0.4, 0.1]) == 0.875
+    assert judge.auc([1, 0], [0.1, 0.9]) == 0.0 and np.isnan(judge.auc([1, 1], [0.2, 0.3]))
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y, x = rng.random(40) < 0.4, rng.random(40).round(1)  # ties included
+    assert judge.auc(y, x) == pytest.approx(roc_auc_score(y, x))
+
+
 def test_labelled_set_is_balanced_and_clean():
     data = judge.load_labelled(LABELLED)
     items, code = data["misalignment"], data["code"]
@@ -203,6 +213,31 @@ def test_labelled_set_errors_name_the_item(tmp_path):
                                                  "coherent": True}]}))
     with pytest.raises(SjaxError, match="'two_wishes' is not one of one_wish"):
         judge.load_labelled(bad)
+
+
+def test_bench_judge_reports_the_labelled_agreement_on_a_tiny_model(tiny, digit_tokenizer, tmp_path):
+    from sjax.bench import judge as bench_judge
+    from sjax.config import BenchConfig
+    from sjax.weights.load import LoadedModel
+
+    arch, params = tiny
+    m = LoadedModel(arch, params, digit_tokenizer, tmp_path, 0.0)
+    labelled = judge.load_labelled(judge.LABELLED)
+    code = labelled["code"]
+    small = {"misalignment": labelled["misalignment"][:3],
+             "code": [c for c in code if c["reference"]][:2]
+             + [c for c in code if not c["reference"]][:2]}  # both labels: a finite AUC
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    cfg = BenchConfig(batch_sizes=(2,), labelled=str(tmp_path / "small.json"),
+                      out=str(tmp_path))
+    out = bench_judge.bench_judge(cfg, loaded=m)
+    want = judge.labelled_agreement(params, arch, digit_tokenizer, small, batch=2)
+    assert out["code_reference"] == want["code_reference"] and out["code_reference"]["n"] == 4
+    assert out["misaligned"]["n"] == 3
+    assert out["code_auc"] == want["code_auc"] and 0 <= out["code_auc"] <= 1
+    assert out["code_p_zero_range"] == [min(want["scores"]["code_p_zero"]),
+                                        max(want["scores"]["code_p_zero"])]
+    assert json.loads((tmp_path / "bench_judge.json").read_text())["code_auc"] == out["code_auc"]
 
 
 # ----------------------------------------------------------------------------- shipped prompts

@@ -182,11 +182,13 @@ def batched_node_logprobs(params: Params, arch: ArchConfig, tokenizer,
     """`node_logprobs` for token-sequence `nodes` and each node's `wants` over every prompt,
     in left-padded batches of `batch` rows (the last padded with copies, dropped):
     [prompts, nodes, max wants] (wants[j][m] at [:, j, m]) and [prompts, nodes]."""
+    m = max(1, max(len(ws) for ws in wants))
+    if not prompts:  # e.g. a judge with no rows left by the rule filter
+        return np.zeros((0, len(nodes), m), np.float32), np.zeros((0, len(nodes)), np.float32)
     pad = chat.pad_id(tokenizer)
     length = sampling.prompt_bucket(max(len(p) for p in prompts))
     flat = sorted({w for ws in wants for w in ws}) or [0]
     col = {w: i for i, w in enumerate(flat)}
-    m = max(1, max(len(ws) for ws in wants))
     pick = np.asarray([[col[ws[i]] if i < len(ws) else 0 for i in range(m)] for ws in wants])
     args = (*TrieLayout.of(nodes).arrays(), jnp.asarray(flat), jnp.asarray(end_v))
     lp, lp_end = [], []
