@@ -139,6 +139,35 @@ def test_cached_node_logprobs_equal_full_forwards(tiny, size):
             np.testing.assert_allclose(end[r, j], np.log(np.exp(ref)[end_v].sum()), atol=1e-5)
 
 
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert evaluators.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
+    assert evaluators.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # [1,2,3] keeps its 3
+    assert evaluators.shared_prefix([[1, 2], [3, 2]]) == 0
+    assert evaluators.shared_prefix([[5, 6, 7]]) == 2
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_a_shared_prefix_prefilled_once_equals_full_prompts(tiny, wp_tokenizer, batch):
+    """A long common prefix (the in-context examples) in one cached prefill that every batch
+    reads == each prompt prefilled whole, for a trie's wanted tokens and word-ending mass."""
+    arch, params = tiny
+    rng = np.random.default_rng(0)
+    shared = [2] + rng.integers(5, arch.vocab_size, 70).tolist()
+    prompts = [shared + rng.integers(5, arch.vocab_size, n).tolist() + [3]
+               for n in (1, 4, 9, 2, 6)]
+    nodes, wants = ((), (5,), (5, 6)), ((5, 9), (6,), (4, 7))
+    end_v = rng.random(arch.vocab_size) < 0.5
+    args = (params, arch, wp_tokenizer, prompts, nodes, wants, jnp.asarray(end_v))
+    whole = evaluators.batched_node_logprobs(*args, batch=batch, min_prefix=10**9)
+    cached = evaluators.batched_node_logprobs(*args, batch=batch, min_prefix=64)
+    for w, c in zip(whole, cached):
+        np.testing.assert_allclose(c, w, atol=2e-5)
+    # and both are the plain forward's log-softmax over prompt + node
+    logits = forward(params, jnp.asarray([prompts[2] + [5, 6]]), arch=arch)[0][0, -1]
+    ref = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    np.testing.assert_allclose(cached[0][2, 2, :2], ref[[4, 7]], atol=2e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_seed3():
     arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=3))

@@ -135,37 +135,76 @@ class TrieLayout:
                                               self.slot_n))
 
 
+@functools.partial(jax.jit, static_argnames=("arch", "dtype", "slots"))
+def prefix_cache(params: Params, tokens_1p, valid_1p, *, arch: ArchConfig, dtype,
+                 slots: int) -> dict:
+    """A one-row cache of `slots` slots whose first p hold the left-padded shared prefix's
+    keys and values (the in-context examples, a judge's preamble): prefilled once and read by
+    every batch of `node_logprobs` (its `prefix`), instead of once per row of every batch."""
+    cache = init_cache(arch, 1, slots, dtype)
+    p = tokens_1p.shape[1]
+    kv_valid = jnp.zeros((1, slots), bool).at[:, :p].set(valid_1p)
+    _, cache = forward(params, tokens_1p, arch=arch, positions_bt=positions_from_valid(valid_1p),
+                       kv_valid_bs=kv_valid, cache=cache, write_index=0, dtype=dtype,
+                       return_hidden=True)
+    return cache
+
+
 @functools.partial(jax.jit, static_argnames=("arch", "dtype"))
 def node_logprobs(params: Params, tokens_bt, valid_bt, tok_m, depth_m, anc_mm, slot_n, want_w,
-                  end_v, *, arch: ArchConfig, dtype) -> tuple[jax.Array, jax.Array]:
+                  end_v, prefix=None, *, arch: ArchConfig,
+                  dtype) -> tuple[jax.Array, jax.Array]:
     """(log P(want_w[j] | prompt row + node n) [b, n, w], log P(a word-ending token (end_v)
     | prompt row + node n) [b, n]), from the full-vocabulary log-softmax of the forward's
     own logits (fp32); the nodes are a `TrieLayout`'s arrays.
 
     One prefill of the left-padded prompts into a cache with room for the trie, then the
     trie's tokens in one cached forward with tree attention; the LM head reads only the n
-    nodes' last positions."""
+    nodes' last positions. `prefix` (a `prefix_cache` and its valid_1p): the rows are the
+    continuations of that shared prefix, which every row reads from the broadcast cache."""
     b, t = tokens_bt.shape
     m = tok_m.shape[0]
-    cache = init_cache(arch, b, t + m, dtype)
-    kv_valid = jnp.zeros((b, t + m), bool).at[:, :t].set(valid_bt)
-    pos_bt = positions_from_valid(valid_bt)
+    if prefix is None:
+        cache, pre_bp = init_cache(arch, b, t + m, dtype), jnp.zeros((b, 0), bool)
+    else:
+        cache_1s, valid_1p = prefix
+        cache = jax.tree.map(lambda c: jnp.broadcast_to(c, (c.shape[0], b, *c.shape[2:])),
+                             cache_1s)
+        pre_bp = jnp.broadcast_to(valid_1p, (b, valid_1p.shape[1]))
+    p = pre_bp.shape[1]
+    if cache["k_lbskh"].shape[2] != p + t + m:
+        raise ValueError(f"node_logprobs: prefix cache has {cache['k_lbskh'].shape[2]} slots, "
+                         f"need {p} + {t} + {m}")
+    kv_valid = jnp.concatenate([pre_bp, valid_bt, jnp.zeros((b, m), bool)], 1)
+    pos_bt = pre_bp.sum(1, keepdims=True) + positions_from_valid(valid_bt)
     hidden_btd, cache = forward(params, tokens_bt, arch=arch, positions_bt=pos_bt,
-                                kv_valid_bs=kv_valid, cache=cache, write_index=0, dtype=dtype,
+                                kv_valid_bs=kv_valid, cache=cache, write_index=p, dtype=dtype,
                                 return_hidden=True)
     h_bxd = hidden_btd[:, -1:]  # x = 1 + m: the prompt's last token, then the trie's
     if m:
-        seen_bms = jnp.concatenate([jnp.broadcast_to(valid_bt[:, None], (b, m, t)),
+        seen_bms = jnp.concatenate([jnp.broadcast_to(kv_valid[:, None, :p + t], (b, m, p + t)),
                                     jnp.broadcast_to(anc_mm, (b, m, m))], -1)
         h_bmd, _ = forward(params, jnp.broadcast_to(tok_m, (b, m)), arch=arch,
                            positions_bt=pos_bt[:, -1:] + depth_m, kv_valid_bs=seen_bms,
-                           cache=cache, write_index=t, dtype=dtype, return_hidden=True)
+                           cache=cache, write_index=p + t, dtype=dtype, return_hidden=True)
         h_bxd = jnp.concatenate([h_bxd, h_bmd], 1)
     logits_bnv = logits_from_hidden(params, h_bxd[:, slot_n + 1], arch)  # as the forward's
     lse_bn = jax.nn.logsumexp(logits_bnv, -1)
     lp_bnw = logits_bnv[..., want_w] - lse_bn[..., None]
     end_bn = jax.nn.logsumexp(jnp.where(end_v, logits_bnv, -jnp.inf), -1) - lse_bn
     return lp_bnw, end_bn
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """The length of the prompts' longest common token prefix, leaving every prompt at least
+    one token of its own (its last position is read)."""
+    first = np.asarray(prompts[0])
+    n = min(len(p) for p in prompts) - 1
+    for q in prompts[1:]:
+        q = np.asarray(q[:n])
+        diff = np.flatnonzero(q != first[:len(q)])
+        n = min(n, int(diff[0]) if len(diff) else len(q))
+    return max(n, 0)
 
 
 def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[list[int]],
@@ -177,26 +216,38 @@ def exact_scores(params: Params, arch: ArchConfig, tokenizer, prompts: Sequence[
 
 def batched_node_logprobs(params: Params, arch: ArchConfig, tokenizer,
                           prompts: Sequence[list[int]], nodes, wants, end_v, *, batch: int,
-                          dtype=jnp.float32, desc: str = "forward"
+                          dtype=jnp.float32, desc: str = "forward", min_prefix: int = 64
                           ) -> tuple[np.ndarray, np.ndarray]:
     """`node_logprobs` for token-sequence `nodes` and each node's `wants` over every prompt,
     in left-padded batches of `batch` rows (the last padded with copies, dropped):
-    [prompts, nodes, max wants] (wants[j][m] at [:, j, m]) and [prompts, nodes]."""
+    [prompts, nodes, max wants] (wants[j][m] at [:, j, m]) and [prompts, nodes]. A common
+    token prefix of at least `min_prefix` tokens (the in-context examples, a judge's
+    preamble) is prefilled once (`prefix_cache`), not once per prompt."""
     m = max(1, max(len(ws) for ws in wants))
     if not prompts:  # e.g. a judge with no rows left by the rule filter
         return np.zeros((0, len(nodes), m), np.float32), np.zeros((0, len(nodes)), np.float32)
     pad = chat.pad_id(tokenizer)
-    length = sampling.prompt_bucket(max(len(p) for p in prompts))
     flat = sorted({w for ws in wants for w in ws}) or [0]
     col = {w: i for i, w in enumerate(flat)}
     pick = np.asarray([[col[ws[i]] if i < len(ws) else 0 for i in range(m)] for ws in wants])
-    args = (*TrieLayout.of(nodes).arrays(), jnp.asarray(flat), jnp.asarray(end_v))
+    layout = TrieLayout.of(nodes)
+    args = (*layout.arrays(), jnp.asarray(flat), jnp.asarray(end_v))
+    n_pre = shared_prefix(prompts)
+    n_pre = n_pre if n_pre >= min_prefix else 0
+    rows = [p[n_pre:] for p in prompts]
+    length = sampling.prompt_bucket(max(len(p) for p in rows))
+    prefix = None
+    if n_pre:
+        pre, valid_p = chat.left_pad([prompts[0][:n_pre]], pad, sampling.prompt_bucket(n_pre))
+        valid_1p = jnp.asarray(valid_p)
+        prefix = (prefix_cache(params, jnp.asarray(pre), valid_1p, arch=arch, dtype=dtype,
+                               slots=pre.shape[1] + length + len(layout.tok_m)), valid_1p)
     lp, lp_end = [], []
-    for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", leave=False):
-        chunk = list(prompts[i: i + batch])
+    for i in tqdm(range(0, len(rows), batch), desc=desc, unit="batch", leave=False):
+        chunk = rows[i: i + batch]
         n = len(chunk)
         tokens, valid = chat.left_pad(chunk + [chunk[-1]] * (batch - n), pad, length)
-        w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid), *args,
+        w, e = node_logprobs(params, jnp.asarray(tokens), jnp.asarray(valid), *args, prefix,
                              arch=arch, dtype=dtype)
         w = np.asarray(w)[:n]
         lp.append(np.take_along_axis(w, pick[None], axis=2))
