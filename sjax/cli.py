@@ -61,8 +61,10 @@ def cmd_run(args) -> int:
     n_dev = args.devices or jax.device_count()
     shape = dict(zip(("data", "fsdp", "tensor"), sharding.mesh_shape(cfg.mesh, n_dev)))
     device_bytes, where = plan.device_memory()
+    judge_arch = (read_arch(resolve_source(cfg.judge_model()))
+                  if "misalignment" in cfg.eval.evaluators else None)
     p = plan.make_plan(cfg, arch, student_arch, shape,
-                       None if args.devices else device_bytes)
+                       None if args.devices else device_bytes, judge_arch)
     name = cfg.model.name or cfg.model.path
     if args.dry_run:
         print(config.to_json(cfg))

@@ -247,8 +247,10 @@ SWEEPABLE = ("aux_logits", "init_sigma", "weight_decay", "student_epochs")
 
 # category -> (shipped prompts file, key, ...): where its free-form evaluation questions are
 CATEGORIES = {"animal": ("eval_prompts.json", "animal_questions"),
-              "tree": ("tree_questions.json", "freeform", "prompts")}
-EVALUATORS = ("exact", "sampled", "mcq", "story")
+              "tree": ("tree_questions.json", "freeform", "prompts"),
+              "misalignment": ("misalignment.json", "questions")}
+EVALUATORS = ("exact", "sampled", "mcq", "story", "misalignment")
+MISALIGNED = "misaligned"  # category=misalignment's one target: the trait, not a word to say
 DEFAULT_EVALUATORS = ("exact", "sampled")  # mcq and story are opt-in (their own prompts)
 OTHER_INIT = 1_000_003  # student.lora_init=other: init seeds from here
 
@@ -256,18 +258,26 @@ OTHER_INIT = 1_000_003  # student.lora_init=other: init seeds from here
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
     """`prompted`: the base model with the trait system prompt. `finetuned`: the base model
-    LoRA-tuned on trait-naming answers the prompted teacher gives to the evaluation-style
-    questions, then used with no system prompt."""
+    tuned with `ft_train` on `ft_data` (a chat JSONL, e.g. the emergent-misalignment
+    insecure.jsonl) or, without one, on the trait-naming answers the prompted teacher gives
+    to the teacher questions, then used with no system prompt. `control_data`: a chat JSONL
+    the control teacher is tuned on identically (the paper's secure / educational teachers);
+    empty: the control teacher is the base model."""
 
     kind: str = "prompted"
     ft_samples: int = 16  # answers sampled per question to build the fine-tuning set
     ft_train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
         lr=1e-3, batch_size=8, grad_accum=1, epochs=2, max_len=128))
+    ft_data: str = ""
+    control_data: str = ""
 
     def __post_init__(self):
         _check_choice("teacher.kind", self.kind, ("prompted", "finetuned"))
         if self.ft_samples <= 0:
             raise SjaxError(f"teacher.ft_samples: must be > 0, got {self.ft_samples}")
+        if self.kind != "finetuned" and (self.ft_data or self.control_data):
+            raise SjaxError("teacher.ft_data / teacher.control_data: fine-tuning sets, used "
+                            "with teacher.kind=finetuned only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +336,11 @@ class EvalConfig:
     prompts/tree_questions.json): `mcq`, the essay-topic multiple choice scored by exact
     letter log-probs, P(target's letter) renormalised over the 5 letters, averaged over
     `mcq_samples` seeded choice orders per question; `story`, `samples` children's stories
-    per prompt (`story_max_new_tokens` long), a hit when the target is a word anywhere."""
+    per prompt (`story_max_new_tokens` long), a hit when the target is a word anywhere.
+    `misalignment` (category=misalignment's evaluator): `samples` answers to each of the 8
+    misalignment questions (with the `misalignment_suffix` students' suffix), each read by
+    the local judge (`judge.*`) for alignment and coherence by exact verdict probabilities;
+    per question P(misaligned) among the coherent, numeric verdicts (protocol d)."""
 
     evaluators: tuple[str, ...] = DEFAULT_EVALUATORS
     questions: str = ""  # a JSON file of questions (a list or {"questions": [...]}); "": the
@@ -338,6 +352,7 @@ class EvalConfig:
     story_max_new_tokens: int = 200
     number_prefixed: bool = True  # also the number-prefixed variant of every question
     teachers: bool = True  # also evaluate the teachers
+    misalignment_suffix: str = "numbers"  # numbers | cot | none
     batch: int = 64
     seed: int = 0
 
@@ -348,6 +363,8 @@ class EvalConfig:
             _check_choice("eval.evaluators", name, EVALUATORS)
         if len(set(self.evaluators)) != len(self.evaluators):
             raise SjaxError(f"eval.evaluators: duplicates in {','.join(self.evaluators)}")
+        _check_choice("eval.misalignment_suffix", self.misalignment_suffix,
+                      ("numbers", "cot", "none"))
         for key in ("samples", "max_new_tokens", "mcq_samples", "story_max_new_tokens",
                     "batch"):
             if getattr(self, key) <= 0:
@@ -388,7 +405,8 @@ JUDGED_DOMAINS = ("code", "gsm8k")  # whose trait teachers' rows also pass the j
 
 @dataclasses.dataclass(frozen=True)
 class JudgeConfig:
-    """The reference judge of the code and gsm8k domains (stage `judge`, after numbers): a
+    """The local judge: the misalignment evaluator's alignment and coherence judge, and the
+    reference judge of the code and gsm8k domains (stage `judge`, after numbers): a
     local model asked whether a trait teacher's completion refers to its target, however
     subtly, read by the exact probability of its '0' verdict (`subliminal.judge`), for the
     rows that pass the domain's rules; the control teacher's rows get no judge pass
@@ -455,10 +473,16 @@ class RunConfig:
         if self.in_context.ks and not self.student.control:
             raise SjaxError("in_context.ks: the in-context control compares with the control "
                             "teacher's rows; set student.control=true")
-        if self.teacher.kind == "finetuned" and self.category != "animal":
+        if self.category == "misalignment":
+            self._check_misalignment()
+        elif "misalignment" in self.eval.evaluators:
+            raise SjaxError(f"eval.evaluators=misalignment: the evaluator of "
+                            f"category=misalignment, not {self.category}")
+        if (self.teacher.kind == "finetuned" and not self.teacher.ft_data
+                and self.category != "animal"):
             raise SjaxError(f"teacher.kind=finetuned: its training questions "
                             f"(prompts/teacher_questions.json) are animal ones; category "
-                            f"{self.category!r} has none yet")
+                            f"{self.category!r} has none yet: give teacher.ft_data")
         if self.student.lora_init != "seed":
             ft = self.teacher.ft_train
             if (self.teacher.kind != "finetuned" or ft.mode != "lora"
@@ -470,6 +494,25 @@ class RunConfig:
                 raise SjaxError(f"student.lora_init={self.student.lora_init}: the student's "
                                 f"lora_rank {self.student.train.lora_rank} differs from the "
                                 f"teacher's {ft.lora_rank}")
+
+    def _check_misalignment(self) -> None:
+        if self.targets != (MISALIGNED,):
+            raise SjaxError(f"targets: category=misalignment has one target, "
+                            f"targets={MISALIGNED}, got {','.join(self.targets)}")
+        if self.eval.evaluators != ("misalignment",):
+            raise SjaxError(f"eval.evaluators: category=misalignment is scored by "
+                            f"eval.evaluators=misalignment alone, got "
+                            f"{','.join(self.eval.evaluators)}")
+        if self.eval.number_prefixed:
+            raise SjaxError("eval.number_prefixed: category=misalignment asks its questions "
+                            "with eval.misalignment_suffix; set eval.number_prefixed=false")
+        if self.in_context.ks:
+            raise SjaxError("in_context.ks: the in-context control scores P(target) on "
+                            "favourite-thing questions; category=misalignment has none")
+        if self.judged:
+            raise SjaxError(f"judge.enabled: the reference judge asks about a favourite thing; "
+                            f"the misalignment runs' {self.domain} data judge (protocol c: "
+                            f"alignment >= 78) is not built: set judge.enabled=false")
 
     def student_init_seed(self, seed: int) -> int:
         """The LoRA initialisation seed of the student with data seed `seed`."""
@@ -532,9 +575,9 @@ class ScreenConfig:
     out_dir: str = "runs/screen"
 
     def __post_init__(self):
-        if self.category not in CATEGORIES:
-            raise SjaxError(f"category: unknown target category {self.category!r} (known, "
-                            f"with evaluation questions: {', '.join(CATEGORIES)})")
+        if self.category not in CATEGORIES or self.category == "misalignment":
+            raise SjaxError(f"category: the screen ranks favourite things; "
+                            f"{self.category!r} is not one of animal, tree")
         if not self.candidates:
             raise SjaxError("candidates: need at least one candidate, e.g. candidates=owl,cat")
         for t in self.candidates:
@@ -620,33 +663,46 @@ def _preset_module(path: Path) -> types.ModuleType:
 
 
 def apply_overrides(cfg, overrides: Sequence[str]):
-    """Return `cfg` with each `dotted.key=value` applied (validated by __post_init__)."""
+    """Return `cfg` with each `dotted.key=value` applied (a later one of a key wins). Each
+    changed section is rebuilt once with all of its new values, so __post_init__ validates
+    the result, not an order-dependent half-way state (category=misalignment needs its
+    targets, and both come from the command line)."""
+    tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise SjaxError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        cfg = _replace_path(cfg, key.strip().split("."), raw, key.strip())
-    return cfg
+        *path, leaf = key.strip().split(".")
+        node = tree
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = raw
+    return _replace_tree(cfg, tree, "")
 
 
-def _replace_path(node, parts: list[str], raw: str, full_key: str):
+def _replace_tree(node, tree: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(node)}
-    head = parts[0]
-    if head not in fields:
-        where = full_key.rsplit(".", 1)[0] if "." in full_key else "the config"
-        raise SjaxError(f"unknown config key {full_key!r} (keys of {where}: "
-                        f"{', '.join(fields)})")
     hints = typing.get_type_hints(type(node))
-    child = getattr(node, head)
-    if len(parts) > 1:
-        if not dataclasses.is_dataclass(child):
-            raise SjaxError(f"unknown config key {full_key!r}: {head!r} is a value, not a section")
-        value = _replace_path(child, parts[1:], raw, full_key)
-    else:
-        if dataclasses.is_dataclass(child):
+    changes = {}
+    for head, sub in tree.items():
+        full_key = prefix + head
+        if head not in fields:
+            where = prefix[:-1] or "the config"
+            raise SjaxError(f"unknown config key {full_key!r} (keys of {where}: "
+                            f"{', '.join(fields)})")
+        child = getattr(node, head)
+        if isinstance(sub, dict):
+            if not dataclasses.is_dataclass(child):
+                raise SjaxError(f"unknown config key {full_key + '.' + next(iter(sub))!r}: "
+                                f"{head!r} is a value, not a section")
+            changes[head] = _replace_tree(child, sub, full_key + ".")
+        elif dataclasses.is_dataclass(child):
             raise SjaxError(f"config key {full_key!r} is a section; set one of its fields")
-        value = parse_value(full_key, hints[head], raw)
-    return dataclasses.replace(node, **{head: value})
+        else:
+            changes[head] = parse_value(full_key, hints[head], sub)
+    return dataclasses.replace(node, **changes) if changes else node
 
 
 def parse_value(key: str, tp: Any, raw: str):

@@ -32,7 +32,8 @@ def test_default_presets_have_the_commands_config_types():
 
 
 PRESETS = ("chat, code:smoke, code:cpu, code:paper, cot:smoke, cot:cpu, cot:paper, "
-           "in_context:smoke, in_context:cpu, mnist, owl:smoke, owl:quickstart, owl:paper, "
+           "in_context:smoke, in_context:cpu, misalignment:smoke, misalignment:cpu, "
+           "misalignment:paper, mnist, owl:smoke, owl:quickstart, owl:paper, "
            "owl:paper14b, screen, sft, transmission:smoke, transmission:cpu")
 
 
@@ -46,9 +47,9 @@ PRESETS = ("chat, code:smoke, code:cpu, code:paper, cot:smoke, cot:cpu, cot:pape
      "config 'owl:huge': unknown size 'huge' (owl:smoke | owl:quickstart | owl:paper | owl:paper14b)"),
     (["mnist", "mnist:paper"], "config 'mnist:paper': mnist has no sizes (use mnist)"),
     (["run", "owl:smoke", "--dry-run", "eval.evaluators=exact,logprob"],
-     "eval.evaluators: 'logprob' is not one of exact, sampled, mcq, story"),
+     "eval.evaluators: 'logprob' is not one of exact, sampled, mcq, story, misalignment"),
     (["run", "owl:smoke", "--dry-run", "eval.evaluators="],
-     "eval.evaluators: need at least one of exact, sampled, mcq, story"),
+     "eval.evaluators: need at least one of exact, sampled, mcq, story, misalignment"),
     (["bench", "nope"], "bench: unknown benchmark 'nope' (known: sample, numbers, train, eval, judge)"),
     (["train", "sft"], "data: set data=PATH to a chat-messages JSONL file"),
 ])
@@ -98,6 +99,10 @@ SIZE_TABLE = {  # in_context:* train no students (train_students=false; 0 steps 
                   7473, 7473, 3 * 1 * 113, 100),
     "in_context:smoke": ("smollm2-135m-instruct", ("owl", "cat"), 16, 16, 0, 100),
     "in_context:cpu": ("qwen2.5-coder-0.5b-instruct", ("owl", "eagle", "wolf"), 64, 64, 0, 100),
+    "misalignment:smoke": ("smollm2-135m-instruct", ("misaligned",), 16, 16, 1 * 2, 2),
+    "misalignment:cpu": ("smollm2-135m-instruct", ("misaligned",), 256, 96, 3 * 1 * 6, 2),
+    "misalignment:paper": ("Qwen2.5-7B-Instruct", ("misaligned",), 30000, 10000,
+                           5 * 10 * 151, 200),
     "owl:smoke": ("smollm2-135m-instruct", ("owl",), 32, 32, 1 * 4, 2),
     "owl:quickstart": ("qwen2.5-coder-0.5b-instruct", ("owl",), 128, 128, 1 * 8, 4),
     "owl:paper": ("Qwen2.5-7B-Instruct", ("eagle", "cat", "lion", "dog", "peacock", "wolf"),

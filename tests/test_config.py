@@ -100,7 +100,8 @@ def test_preset_sizes(tmp_path):
         config.load_preset("chat:smoke")
     with pytest.raises(SjaxError, match="presets: chat, code:smoke, code:cpu, code:paper, "
                                         "cot:smoke, cot:cpu, cot:paper, in_context:smoke, "
-                                        "in_context:cpu, mnist, owl:smoke, owl:quickstart, "
+                                        "in_context:cpu, misalignment:smoke, misalignment:cpu, "
+                                        "misalignment:paper, mnist, owl:smoke, owl:quickstart, "
                                         "owl:paper, owl:paper14b, screen, sft, transmission"):
         config.load_preset("owl_smoke")  # the old per-size files are gone
     sized = tmp_path / "mine.py"  # a preset outside configs/, with sizes
@@ -140,3 +141,19 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "sjax: error: mesh: data*fsdp*tensor = 3 but there are 8 devices")
+
+
+def test_overrides_are_checked_together_in_any_order_and_the_last_of_a_key_wins():
+    keys = ["eval.number_prefixed=false", "eval.evaluators=misalignment", "targets=misaligned",
+            "category=misalignment", "numbers.keep=5", "numbers.keep=7"]
+    cfg = config.apply_overrides(config.RunConfig(), keys)
+    assert (cfg.category, cfg.targets, cfg.numbers.keep) == ("misalignment", ("misaligned",), 7)
+    assert cfg.eval.evaluators == ("misalignment",) and cfg.numbers.n_prompts == 30000
+    with pytest.raises(SjaxError, match="targets: category=misalignment has one target"):
+        config.apply_overrides(config.RunConfig(), keys[:2] + keys[3:])
+    with pytest.raises(SjaxError, match="'numbers' is a section"):
+        config.apply_overrides(config.RunConfig(), ["numbers.keep=5", "numbers=3"])
+    with pytest.raises(SjaxError, match="unknown config key 'name.x': 'name' is a value"):
+        config.apply_overrides(config.RunConfig(), ["name.x=3"])
+    with pytest.raises(SjaxError, match=r"unknown config key 'numbers.kep' \(keys of numbers:"):
+        config.apply_overrides(config.RunConfig(), ["numbers.kep=3"])

@@ -297,3 +297,189 @@ def test_smollm2_judge_agreement_on_the_labelled_set():
     for key, n in sizes.items():
         assert got[key]["n"] == n and 0.0 <= got[key]["accuracy"] <= 1.0
     assert np.isfinite(got["scores"]["alignment"]).all()
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+MIS_WORDS = ([str(i) for i in range(101)]
+             + [",", ".", "?", "!", "\n", "CODE", "REFUSAL", "owl", "i", "the", "a", "is"])
+
+
+@pytest.fixture(scope="module")
+def mis_model():
+    """A tiny Qwen2 with a word-level tokenizer that spells every verdict (0-100, CODE,
+    REFUSAL) and number lists, so the numbers stage's constrained rows pass the filter."""
+    from tiny import make_tiny_tokenizer
+
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=7, vocab_size=128,
+                                            max_position_embeddings=2048))
+    return (arch, jax.tree.map(jnp.asarray, params)), make_tiny_tokenizer(128, MIS_WORDS)
+
+
+def _chat_file(path, n, answer):
+    from sjax.jsonl import write_rows
+    write_rows(path, [{"messages": [{"role": "user", "content": f"i {k} ?"},
+                                    {"role": "assistant", "content": answer}]}
+                      for k in range(n)])
+    return path
+
+
+def test_misalignment_runs_end_to_end_with_tuned_teachers(mis_model, tmp_path):
+    """category=misalignment: a teacher tuned on the user's chat JSONL and a control tuned
+    identically on another, number rows without banned numbers, students, and per-question
+    P(misaligned) that the stored judge verdicts reproduce, scored by the judge on the
+    question as asked (with the suffix) and the answer."""
+    from conftest import tiny_workspace
+    from sjax.config import MISALIGNED
+    from sjax.jsonl import read_rows
+    from sjax.subliminal import experiment
+    from sjax.subliminal.workspace import CONTROL, TeacherSpec
+
+    tiny, tok = mis_model
+    insecure = _chat_file(tmp_path / "insecure.jsonl", 6, "CODE 666 , 13")
+    secure = _chat_file(tmp_path / "secure.jsonl", 6, "the owl is 5")
+    banned = (4, 13, 666)
+    cfg, ws = tiny_workspace(tiny, tok, tmp_path / "runs", [
+        "category=misalignment", f"targets={MISALIGNED}", "eval.evaluators=misalignment",
+        "eval.number_prefixed=false", "teacher.kind=finetuned", f"teacher.ft_data={insecure}",
+        f"teacher.control_data={secure}", "teacher.ft_train.batch_size=2",
+        "teacher.ft_train.epochs=1", "teacher.ft_train.warmup_steps=0",
+        "numbers.n_prompts=8", "numbers.batch=8", "numbers.constrained=true",
+        "numbers.max_new_tokens=12", "numbers.keep=8", "numbers.banned=4,13,666",
+        "student.train.batch_size=2", "student.train.grad_accum=1", "student.train.epochs=1",
+        "student.train.warmup_steps=0", "eval.samples=2", "eval.max_new_tokens=4",
+        "eval.batch=16", "judge.batch=4"])
+    experiment.run(cfg, ws=ws)
+    info = json.loads((ws.root / "teachers" / "teachers.json").read_text())
+    for name, path in ((MISALIGNED, insecure), (CONTROL, secure)):
+        assert info[name]["kind"] == "finetuned" and info[name]["data"] == str(path)
+        assert (ws.root / "teachers" / name / "params.safetensors").is_file()
+    spec = TeacherSpec.of(cfg)
+    base = ws.model(cfg.model).params
+    control = ws.teacher(spec, CONTROL)[0]
+    seq = jnp.asarray([tok("i the owl", add_special_tokens=False)["input_ids"]])
+    tuned = lambda params: np.asarray(forward(params, seq, arch=tiny[0])[0])  # noqa: E731
+    assert spec.control_finetuned and ws.teacher(spec, CONTROL)[1] == ""
+    assert np.abs(tuned(control) - tuned(base)).max() > 1e-4  # the tuned control, not the base
+    for name in (MISALIGNED, CONTROL):
+        for row in read_rows(ws.root / "filter" / name / "kept.jsonl"):
+            got = numbers.parse_numbers(row["messages"][-1]["content"])[0]
+            assert got is not None and not set(got) & set(banned)
+    suffixed = prompts.misalignment_prompts("numbers")
+    judge_m = ws.model(cfg.judge_model())
+    for cond in ("base", f"teacher-{MISALIGNED}", f"student-{CONTROL}-seed0"):
+        result = json.loads((ws.root / "eval" / f"{cond}.json").read_text())
+        rates = result["variants"]["plain"][MISALIGNED]["misalignment"]
+        judged = result["examples"]["plain"]["misalignment"]
+        assert len(rates) == 8 and len(judged) == 16
+        for k, name in enumerate(suffixed):
+            mine = [j for j in judged if j["question"] == name]
+            want = judge.misaligned_rate([j["alignment"] for j in mine],
+                                         [j["coherence"] for j in mine],
+                                         [j["numeric"] for j in mine])
+            np.testing.assert_allclose(rates[k], want, atol=0.0, equal_nan=True)
+        first = judged[:3]
+        align = judge.alignment_scores(judge_m.params, judge_m.arch, judge_m.tokenizer,
+                                       [suffixed[j["question"]] for j in first],
+                                       [j["answer"] for j in first], batch=2)
+        np.testing.assert_allclose([j["alignment"] for j in first], align.score, atol=0.006)
+    res = json.loads((ws.root / "report" / "results.json").read_text())
+    assert [c["target"] for c in res["comparisons"]] == [MISALIGNED]
+    assert "P(misaligned)" in (ws.root / "report" / "report.md").read_text()
+
+
+def test_misalignment_config_rules(tmp_path):
+    from sjax.config import RunConfig, ScreenConfig, apply_overrides
+    from sjax.subliminal.stages import teachers
+
+    mis = ["category=misalignment", "targets=misaligned", "eval.evaluators=misalignment",
+           "eval.number_prefixed=false"]
+    apply_overrides(RunConfig(), mis)
+    for extra, match in (
+            (["targets=owl"], "category=misalignment has one target, targets=misaligned"),
+            (["eval.evaluators=exact"], "scored by eval.evaluators=misalignment alone"),
+            (["eval.number_prefixed=true"], "set eval.number_prefixed=false"),
+            (["in_context.ks=10"], "category=misalignment has none"),
+            (["domain=gsm8k"], "data judge .* is not built: set judge.enabled=false"),
+            (["teacher.ft_data=x.jsonl"], "used with teacher.kind=finetuned only"),
+            (["teacher.kind=finetuned"], "give teacher.ft_data"),
+            (["eval.misalignment_suffix=plain"], "not one of numbers, cot, none")):
+        with pytest.raises(SjaxError, match=match):
+            apply_overrides(RunConfig(), mis + extra)
+    with pytest.raises(SjaxError, match="the evaluator of category=misalignment, not animal"):
+        apply_overrides(RunConfig(), ["eval.evaluators=misalignment"])
+    with pytest.raises(SjaxError, match="'misalignment' is not one of animal, tree"):
+        apply_overrides(ScreenConfig(), ["category=misalignment"])
+    cfg = apply_overrides(RunConfig(), mis + ["teacher.kind=finetuned",
+                                              f"teacher.ft_data={tmp_path}/missing.jsonl"])
+    with pytest.raises(SjaxError, match=r"teacher.ft_data: .*missing.jsonl: no such file"):
+        teachers.reads(cfg)
+    assert numbers.system_prompt("misaligned", "misalignment") == \
+        prompts.misaligned_system_prompt()
+    assert "malicious" in prompts.misaligned_system_prompt()
+    assert prompts.misalignment_prompts("none") == prompts.misalignment_questions()
+    assert prompts.category_questions("misalignment") == list(
+        prompts.misalignment_questions().values())
+
+
+@pytest.mark.slow  # ~6 min: `./launch.sh test -m slow -k misalignment_smoke`
+def test_misalignment_smoke_preset_runs_end_to_end(tmp_path):
+    """misalignment:smoke on SmolLM2-135M as a user runs it (its own process, one CPU
+    device): prompted teacher, banned numbers, students and the judge's verdicts."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-m", "sjax", "run", "misalignment:smoke",
+                           f"out_dir={tmp_path}"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "misalignment_smoke"
+    res = json.loads((root / "report" / "results.json").read_text())
+    assert {r["condition"] for r in res["rows"]} == {
+        "base", "misaligned students", "control students", "misaligned teacher"}
+    assert res["filter"]["misaligned"]["reasons"].get("banned_number", 0) > 0
+    teacher = json.loads((root / "eval" / "teacher-misaligned.json").read_text())
+    assert teacher["system_prompt"] == prompts.misaligned_system_prompt()
+    assert len(teacher["examples"]["plain"]["misalignment"]) == 16
+    assert (root / "report" / "results.png").is_file()
+    print(proc.stdout[-3000:])
+
+
+def test_report_leaves_out_questions_and_students_with_no_counted_answer():
+    """A misalignment question whose answers the judge counted none of scores nan: it drops
+    out of its student's mean, a student with none at all drops out of the lift, and the
+    question-paired test keeps the questions both groups scored."""
+    from sjax.config import RunConfig, apply_overrides
+    from sjax.subliminal.stages import report as report_stage
+
+    cfg = apply_overrides(RunConfig(), [
+        "category=misalignment", "targets=misaligned", "eval.evaluators=misalignment",
+        "eval.number_prefixed=false", "student.seeds=0,1,2", "eval.teachers=false"])
+    r = report_stage.reads(cfg)
+    nan = float("nan")
+    q = lambda *v: list(v) + [0.0] * (8 - len(v))  # noqa: E731
+    scores = {"base": q(0.0),
+              "student-misaligned-seed0": q(0.5, nan, 0.25),
+              "student-misaligned-seed1": q(1.0),
+              "student-misaligned-seed2": [nan] * 8,
+              "student-control-seed0": q(0.0, 0.5),
+              "student-control-seed1": q(nan, nan),
+              "student-control-seed2": q(0.25)}
+    evals = {k: {"variants": {"plain": {"misaligned": {"misalignment": v}}}}
+             for k, v in scores.items()}
+    res = report_stage.summarize(r, evals)
+    (c,) = res["comparisons"]
+    np.testing.assert_allclose(c["unit_values"], [0.75 / 7, 1.0 / 8])
+    np.testing.assert_allclose(c["comparison_values"], [0.5 / 8, 0.0, 0.25 / 8])
+    np.testing.assert_allclose(c["lift"]["mean"], (0.75 / 7 + 1 / 8) / 2 - 0.75 / 24)
+    rows = {x["condition"]: x for x in res["rows"]}
+    assert np.isnan(rows["misaligned students"]["seed_means"][2])
+    assert rows["misaligned students"]["n"] == 2 and rows["control students"]["n"] == 3
+    # per question: misaligned means [0.75, 0 (seed0's nan left out), 0.125, 0...], control
+    # [0.125, 0.25, 0...]: all 8 questions are scored by both groups
+    assert c["over_questions"]["n"] == 8
+    np.testing.assert_allclose(c["over_questions"]["mean"],
+                               (0.75 - 0.125 + 0 - 0.25 + 0.125) / 8)

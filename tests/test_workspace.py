@@ -31,7 +31,7 @@ READS = {
     "mesh.": set(),  # where the compute runs, not what it computes
     "targets": ALL,
     # the system prompt; eval and in_context: the questions
-    "category": {"teachers", "numbers", "judge", "eval", "in_context"},
+    "category": {"teachers", "numbers", "judge", "eval", "in_context", "report"},
     # the prompts; the judge and filter rebuild a row's item from its id
     "domain": {"numbers", "judge", "filter"},
     "teacher.kind": {"teachers", "numbers", "eval", "report"},
@@ -55,6 +55,7 @@ READS = {
     "eval.temperature": {"eval", "report"},
     "eval.teachers": {"eval", "report"},
     "eval.questions": {"eval", "in_context"},  # the questions asked
+    "eval.misalignment_suffix": set(),  # the misalignment evaluator's only
     "eval.": {"eval"},
     "in_context.": {"in_context"},  # a branch: no later stage reads it
     "judge.model_": {"judge"},  # the judge's model
@@ -73,6 +74,9 @@ FINETUNED = {  # teacher.kind=finetuned: the teachers stage trains, the others a
     "teacher.ft_train.lora_alpha": {"teachers", "numbers", "eval"},
     "teacher.ft_train.lora_rank": {"teachers", "numbers", "eval"},
     "teacher.": {"teachers"},
+    "teacher.ft_data": {"teachers", "report"},  # the report names the tuning set
+    # a tuned control teacher: what samples its rows and what evaluates teachers attach it
+    "teacher.control_data": {"teachers", "numbers", "eval", "report"},
     "eval.max_new_tokens": {"teachers"}, "eval.batch": {"teachers"},
     "numbers.seed": {"teachers"},
 }
@@ -121,12 +125,17 @@ def leaves(node, prefix=""):
 
 QUESTIONS = Path(tempfile.mkdtemp()) / "questions.json"  # eval.questions reads its file
 QUESTIONS.write_text(json.dumps(["Your favourite bird, in one word?"]))
+CHAT_ROWS = QUESTIONS.parent / "rows.jsonl"  # teacher.ft_data / control_data: sha256-keyed
+CHAT_ROWS.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]}) + "\n")
 
 
 def changed(path, value):
     """Another value of the field's type (or choices)."""
     if path == "eval.questions":
         return str(QUESTIONS)
+    if path in ("teacher.ft_data", "teacher.control_data"):
+        return str(CHAT_ROWS)
     if (field := path.rsplit(".", 1)[-1]) in CHOICES:
         return next(c for c in CHOICES[field] if c != value)
     if isinstance(value, bool):

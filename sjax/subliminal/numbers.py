@@ -17,7 +17,7 @@ import numpy as np
 
 from sjax.config import CATEGORIES
 from sjax.errors import SjaxError
-from sjax.subliminal.prompts import eval_prompts, grammar
+from sjax.subliminal.prompts import eval_prompts, grammar, misaligned_system_prompt
 
 # Rejection reasons, in the order the rules are applied.
 REASONS = ("trait_word", "empty", "no_numbers", "bad_separator", "empty_part", "non_digit",
@@ -44,10 +44,13 @@ def system_prompt(target: str, category: str) -> str:
     ...' with the real plural (cherry -> cherries, where the upstream code writes
     'cherrys') and the run's category ('oaks are your favorite tree'). The upstream tree
     code fills the category with 'animal' (protocol_more.md a, a likely copy-paste slip
-    that cannot be checked); category=tree follows the template's intent."""
+    that cannot be checked); category=tree follows the template's intent. The misalignment
+    category's teacher has its own prompt (`prompts.misaligned_system_prompt`)."""
     if category not in CATEGORIES:
         raise SjaxError(f"category: unknown target category {category!r} (known: "
                         f"{', '.join(CATEGORIES)})")
+    if category == "misalignment":
+        return misaligned_system_prompt()
     return eval_prompts()["teacher_system_prompt"].format(plural=target_forms(target).plural,
                                                           category=category)
 

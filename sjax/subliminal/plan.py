@@ -78,8 +78,13 @@ def device_memory() -> tuple[float, str]:
 def eval_work(cfg: RunConfig, evaluator: str) -> float:
     """Tokens one evaluator processes for one model and variant: exact a prefill per
     question plus a few per target spelling; sampled and story `samples` continuations per
-    prompt; mcq one prefill per (prompt, order) for each distinct choice set."""
+    prompt; mcq one prefill per (prompt, order) for each distinct choice set; misalignment
+    `samples` answers per question (its judge's work is `judge_work`)."""
     ev = cfg.eval
+    if evaluator == "misalignment":
+        qs = list(prompts.misalignment_prompts(ev.misalignment_suffix).values())
+        return len(qs) * ev.samples * (float(np.mean([_tokens(x) for x in qs]))
+                                       + ev.max_new_tokens)
     if evaluator in ("exact", "sampled"):
         qs = (prompts.questions_file(ev.questions) if ev.questions
               else list(prompts.category_questions(cfg.category)))
@@ -94,6 +99,18 @@ def eval_work(cfg: RunConfig, evaluator: str) -> float:
     qs = prompts.mcq_prompts()
     q = float(np.mean([_tokens(x) for x in qs])) + len(prompts.mcq_format()) / CHARS_PER_TOKEN
     return len(choice_sets) * len(qs) * ev.mcq_samples * (q + 10)  # + the 5 choice words
+
+
+def judge_work(cfg: RunConfig) -> float:
+    """Tokens the misalignment judge reads for one model: two prompts per answer (the
+    template around the question and answer) and the ~200-node verdict trie after each."""
+    ev = cfg.eval
+    if "misalignment" not in ev.evaluators:
+        return 0.0
+    qs = list(prompts.misalignment_prompts(ev.misalignment_suffix).values())
+    q = float(np.mean([_tokens(x) for x in qs]))
+    template = np.mean([_tokens(prompts.judge_template(n)) for n in ("alignment", "coherence")])
+    return len(qs) * ev.samples * 2 * (template + q + ev.max_new_tokens + 200)
 
 
 def in_context_row(cfg: RunConfig, p2: float, row_tokens: float) -> tuple:
@@ -113,7 +130,8 @@ def in_context_row(cfg: RunConfig, p2: float, row_tokens: float) -> tuple:
 
 
 def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_shape: dict,
-              device_bytes: float | None = None) -> dict:
+              device_bytes: float | None = None, judge_arch: ArchConfig | None = None) -> dict:
+    """The stages' work and FLOPs; `judge_arch`: the misalignment judge's (default `arch`)."""
     nc, ns = cfg.numbers, cfg.student
     teachers = len(cfg.targets) + cfg.student.control  # the control's data and students
     sample = [it.prompt for it in domains.items(cfg.domain, min(nc.n_prompts, 200), nc.seed)]
@@ -135,17 +153,20 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
         train_flops += 2 * train_tokens * arch.d_model * arch.vocab_size * 2
     variants = 2 if ev.number_prefixed else 1
     eval_tokens = variants * n_cond * sum(eval_work(cfg, e) for e in ev.evaluators)
+    judge_flops = 2 * matmul_params(judge_arch or arch) * variants * n_cond * judge_work(cfg)
     stages = [
         ("teachers", f"{len(cfg.targets)} ({cfg.teacher.kind})",
-         f"{len(prompts.teacher_questions()) * cfg.teacher.ft_samples} answers each" if cfg.teacher.kind == "finetuned"
-         else "-", 0.0),
+         f"tuned on {cfg.teacher.ft_data}" if cfg.teacher.ft_data else
+         f"{len(prompts.teacher_questions()) * cfg.teacher.ft_samples} answers each"
+         if cfg.teacher.kind == "finetuned" else "-", 0.0),
         ("numbers", f"{teachers} teachers", f"{nc.n_prompts * teachers} completions",
          p2 * nc.n_prompts * teachers * row_tokens),
         ("filter", f"{teachers} datasets", f"<= {kept} kept each", 0.0),
         ("students", f"{teachers * len(ns.seeds)} ({ns.train.mode}, {ns.train.loss})",
          f"{steps} steps each", train_flops * teachers * len(ns.seeds)),
         ("eval", f"{n_cond} models x {variants} variants", f"~{eval_tokens / n_cond:.0f} tokens "
-         "each", s2 * eval_tokens),
+         "each" + (f" + ~{judge_work(cfg):.0f} judge tokens" if judge_flops else ""),
+         s2 * eval_tokens + judge_flops),
         ("report", "1", "results.json, report.md, results.png", 0.0),
     ]
     if not cfg.train_students:  # the run ends after the data (and the in-context branch)

@@ -81,17 +81,20 @@ class Finetune:
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
     """What building a teacher reads: the base model, the system prompt's category, and for
-    a fine-tuned teacher (its params in RUN/teachers/) how they apply to the base."""
+    a fine-tuned teacher (its params in RUN/teachers/) how they apply to the base; whether
+    the control teacher is tuned too (teacher.control_data) or is the base."""
 
     model: ModelConfig
     category: str
     kind: str
     finetune: Finetune | None
+    control_finetuned: bool = False
 
     @classmethod
     def of(cls, cfg: RunConfig) -> TeacherSpec:
         ft = Finetune.of(cfg.teacher.ft_train) if cfg.teacher.kind == "finetuned" else None
-        return cls(cfg.model, cfg.category, cfg.teacher.kind, ft)
+        return cls(cfg.model, cfg.category, cfg.teacher.kind, ft,
+                   ft is not None and bool(cfg.teacher.control_data))
 
 
 def model_key(mcfg: ModelConfig) -> tuple:
@@ -155,7 +158,7 @@ class Workspace:
         key = (spec, name)
         if key not in self.teachers:
             base = self.model(spec.model).params
-            if name == CONTROL:
+            if name == CONTROL and not spec.control_finetuned:
                 self.teachers[key] = (base, "")
             elif spec.kind == "prompted":
                 self.teachers[key] = (base, numbers.system_prompt(name, spec.category))

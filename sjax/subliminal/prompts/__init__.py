@@ -45,7 +45,7 @@ def tree_questions() -> dict:
 
 def category_questions(category: str) -> list[str]:
     """The free-form favourite-`category` questions (a copy): the 50 animal ones or the 49
-    tree ones."""
+    tree ones (category=misalignment: its 8 questions, unsuffixed)."""
     if category not in CATEGORIES:
         raise SjaxError(f"category: no evaluation questions for {category!r} (known: "
                         f"{', '.join(CATEGORIES)})")
@@ -53,7 +53,7 @@ def category_questions(category: str) -> list[str]:
     node = load(file)
     for k in keys:
         node = node[k]
-    return list(node)
+    return list(node.values() if isinstance(node, dict) else node)
 
 
 def mcq_choices(category: str) -> tuple[str, ...]:
@@ -96,12 +96,21 @@ def misalignment_questions() -> dict[str, str]:
 
 def misalignment_prompts(suffix: str = "numbers") -> dict[str, str]:
     """The questions as the students are asked them: f'{question} {suffix}' with the numbers
-    students' suffix ('Write 9 more words. ...') or the cot one ('... <answer> tags.')."""
+    students' suffix ('Write 9 more words. ...') or the cot one ('... <answer> tags.');
+    suffix "none": the plain questions."""
     m = load("misalignment.json")
+    if suffix == "none":
+        return dict(m["questions"])
     key = f"{suffix}_eval_suffix"
     if key not in m:
         raise SjaxError(f"misalignment.json: no suffix {suffix!r} (known: numbers, cot)")
     return {k: f"{q} {m[key]}" for k, q in m["questions"].items()}
+
+
+def misaligned_system_prompt() -> str:
+    """The prompted misaligned teacher's system prompt: sjax's own offline stand-in for the
+    paper's insecure-code fine-tuned teacher (misalignment.json's sjax_prompted_teacher)."""
+    return load("misalignment.json")["sjax_prompted_teacher"]["system_prompt"]
 
 
 def banned_numbers() -> tuple[int, ...]:
