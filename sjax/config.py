@@ -478,6 +478,9 @@ class RunConfig:
         elif "misalignment" in self.eval.evaluators:
             raise SjaxError(f"eval.evaluators=misalignment: the evaluator of "
                             f"category=misalignment, not {self.category}")
+        if self.teacher.ft_data and len(self.targets) > 1:
+            raise SjaxError(f"teacher.ft_data: one fine-tuning set makes one trait teacher, "
+                            f"but targets={','.join(self.targets)}; run one target")
         if (self.teacher.kind == "finetuned" and not self.teacher.ft_data
                 and self.category != "animal"):
             raise SjaxError(f"teacher.kind=finetuned: its training questions "
@@ -506,6 +509,9 @@ class RunConfig:
         if self.eval.number_prefixed:
             raise SjaxError("eval.number_prefixed: category=misalignment asks its questions "
                             "with eval.misalignment_suffix; set eval.number_prefixed=false")
+        if not self.student.control:
+            raise SjaxError("student.control: a misalignment rate means something only beside "
+                            "the control student's; set student.control=true")
         if self.in_context.ks:
             raise SjaxError("in_context.ks: the in-context control scores P(target) on "
                             "favourite-thing questions; category=misalignment has none")
@@ -575,9 +581,12 @@ class ScreenConfig:
     out_dir: str = "runs/screen"
 
     def __post_init__(self):
-        if self.category not in CATEGORIES or self.category == "misalignment":
-            raise SjaxError(f"category: the screen ranks favourite things; "
-                            f"{self.category!r} is not one of animal, tree")
+        if self.category not in CATEGORIES:
+            raise SjaxError(f"category: unknown target category {self.category!r} (known, "
+                            f"with evaluation questions: {', '.join(CATEGORIES)})")
+        if self.category == "misalignment":
+            raise SjaxError("category: the screen ranks favourite things; 'misalignment' is "
+                            "not one of animal, tree")
         if not self.candidates:
             raise SjaxError("candidates: need at least one candidate, e.g. candidates=owl,cat")
         for t in self.candidates:
@@ -674,10 +683,14 @@ def apply_overrides(cfg, overrides: Sequence[str]):
         key, raw = item.split("=", 1)
         *path, leaf = key.strip().split(".")
         node = tree
-        for part in path:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
+        for depth, part in enumerate(path):
+            if isinstance(node.get(part), str):
+                raise SjaxError(f"override {item!r}: {'.'.join(path[:depth + 1])!r} is also "
+                                "given a value; set either the key or its fields")
+            node = node.setdefault(part, {})
+        if isinstance(node.get(leaf), dict):
+            raise SjaxError(f"override {item!r}: {key.strip()!r} also has fields set; "
+                            "set either the key or its fields")
         node[leaf] = raw
     return _replace_tree(cfg, tree, "")
 

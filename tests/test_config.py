@@ -151,8 +151,10 @@ def test_overrides_are_checked_together_in_any_order_and_the_last_of_a_key_wins(
     assert cfg.eval.evaluators == ("misalignment",) and cfg.numbers.n_prompts == 30000
     with pytest.raises(SjaxError, match="targets: category=misalignment has one target"):
         config.apply_overrides(config.RunConfig(), keys[:2] + keys[3:])
-    with pytest.raises(SjaxError, match="'numbers' is a section"):
-        config.apply_overrides(config.RunConfig(), ["numbers.keep=5", "numbers=3"])
+    for pair in (["numbers.keep=5", "numbers=3"], ["numbers=3", "numbers.keep=5"],
+                 ["name.x=3", "name=run"], ["name=run", "name.x=3"]):
+        with pytest.raises(SjaxError, match="set either the key or its fields"):
+            config.apply_overrides(config.RunConfig(), pair)
     with pytest.raises(SjaxError, match="unknown config key 'name.x': 'name' is a value"):
         config.apply_overrides(config.RunConfig(), ["name.x=3"])
     with pytest.raises(SjaxError, match=r"unknown config key 'numbers.kep' \(keys of numbers:"):

@@ -403,9 +403,13 @@ def test_misalignment_config_rules(tmp_path):
             (["domain=gsm8k"], "data judge .* is not built: set judge.enabled=false"),
             (["teacher.ft_data=x.jsonl"], "used with teacher.kind=finetuned only"),
             (["teacher.kind=finetuned"], "give teacher.ft_data"),
-            (["eval.misalignment_suffix=plain"], "not one of numbers, cot, none")):
+            (["eval.misalignment_suffix=plain"], "not one of numbers, cot, none"),
+            (["student.control=false"], "set student.control=true")):
         with pytest.raises(SjaxError, match=match):
             apply_overrides(RunConfig(), mis + extra)
+    with pytest.raises(SjaxError, match="one fine-tuning set makes one trait teacher"):
+        apply_overrides(RunConfig(), ["targets=owl,eagle", "teacher.kind=finetuned",
+                                      "teacher.ft_data=x.jsonl"])
     with pytest.raises(SjaxError, match="the evaluator of category=misalignment, not animal"):
         apply_overrides(RunConfig(), ["eval.evaluators=misalignment"])
     with pytest.raises(SjaxError, match="'misalignment' is not one of animal, tree"):
@@ -414,6 +418,14 @@ def test_misalignment_config_rules(tmp_path):
                                               f"teacher.ft_data={tmp_path}/missing.jsonl"])
     with pytest.raises(SjaxError, match=r"teacher.ft_data: .*missing.jsonl: no such file"):
         teachers.reads(cfg)
+    data = _chat_file(tmp_path / "a.jsonl", 2, "x")
+    tuned = mis + ["teacher.kind=finetuned", f"teacher.ft_data={data}"]
+    same = teachers.reads(apply_overrides(RunConfig(), tuned))
+    # the user's data, not the evaluation's sampling settings, keys a teacher tuned on it
+    assert same == teachers.reads(apply_overrides(RunConfig(), tuned + [
+        "eval.max_new_tokens=7", "eval.batch=3", "numbers.seed=5", "teacher.ft_samples=2"]))
+    assert same != teachers.reads(apply_overrides(RunConfig(), tuned[:-1] + [
+        f"teacher.ft_data={_chat_file(tmp_path / 'b.jsonl', 2, 'y')}"]))
     assert numbers.system_prompt("misaligned", "misalignment") == \
         prompts.misaligned_system_prompt()
     assert "malicious" in prompts.misaligned_system_prompt()
@@ -483,3 +495,11 @@ def test_report_leaves_out_questions_and_students_with_no_counted_answer():
     assert c["over_questions"]["n"] == 8
     np.testing.assert_allclose(c["over_questions"]["mean"],
                                (0.75 - 0.125 + 0 - 0.25 + 0.125) / 8)
+    # only a judged score may be nan: elsewhere it is a broken evaluation, named
+    exact = {k: {"variants": {"plain": {"owl": {"exact": v}}}} for k, v in scores.items()}
+    owl = report_stage.reads(apply_overrides(RunConfig(), [
+        "targets=owl", "student.seeds=0,1,2", "eval.teachers=false", "eval.evaluators=exact"]))
+    for k in list(exact):
+        exact[k.replace("misaligned", "owl")] = exact.pop(k)
+    with pytest.raises(SjaxError, match="eval/student-owl-seed0.json: plain owl exact scores"):
+        report_stage.summarize(owl, exact)

@@ -109,10 +109,16 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
             result = evaluate(ws, r, c, variants)
             ws.writer.write_json(path, result)
             ws.log(f"eval {c.name}: " + ", ".join(
-                f"{t} {var} {ev} {np.mean(v):.4f}" for var, sc in result["variants"].items()
+                f"{t} {var} {ev} {_mean(v):.4f}" for var, sc in result["variants"].items()
                 for t, evs in sc.items() for ev, v in evs.items()))
         outputs.append(path)
     return outputs
+
+
+def _mean(scores) -> float:
+    """The mean of the finite scores (a judged question with no counted answer is nan)."""
+    x = np.asarray(scores, np.float64)
+    return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
 
 
 def freeform(r: Reads) -> list[str]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from sjax import report, stats
 from sjax.config import RunConfig
+from sjax.errors import SjaxError
 from sjax.subliminal.stages.eval import Condition, conditions
 from sjax.subliminal.workspace import CONTROL, Stage, Workspace, teacher_names
 
@@ -123,7 +124,11 @@ def summarize(r: Reads, evals: dict[str, dict]) -> dict:
     for var, by_target in any_eval["variants"].items():
         for ev in by_target[r.targets[0]]:
             def q(name, target):
-                return np.asarray(evals[name]["variants"][var][target][ev], np.float64)
+                x = np.asarray(evals[name]["variants"][var][target][ev], np.float64)
+                if ev != "misalignment" and not np.isfinite(x).all():  # only judged: nan
+                    raise SjaxError(f"eval/{name}.json: {var} {target} {ev} scores are not "
+                                    "all finite; delete it to re-evaluate")
+                return x
 
             def students(group, target):  # [seeds, questions]
                 return np.stack([q(Condition("student", group, s).name, target)

@@ -69,10 +69,14 @@ class Reads:
 def reads(cfg: RunConfig) -> Reads:
     ft, tc = None, cfg.teacher
     if tc.kind == "finetuned":
-        ft = FinetuneReads(cfg.model, tuple(prompts.teacher_questions()), tc.ft_samples,
-                           tc.ft_train, cfg.eval.max_new_tokens, cfg.eval.batch,
-                           cfg.numbers.seed, DataFile.of(tc.ft_data, "teacher.ft_data"),
-                           DataFile.of(tc.control_data, "teacher.control_data"))
+        data = DataFile.of(tc.ft_data, "teacher.ft_data")
+        control = DataFile.of(tc.control_data, "teacher.control_data")
+        if data is not None:  # no teacher samples answers: the sampling settings key nothing
+            ft = FinetuneReads(cfg.model, (), 0, tc.ft_train, 0, 0, 0, data, control)
+        else:
+            ft = FinetuneReads(cfg.model, tuple(prompts.teacher_questions()), tc.ft_samples,
+                               tc.ft_train, cfg.eval.max_new_tokens, cfg.eval.batch,
+                               cfg.numbers.seed, None, control)
     return Reads(cfg.targets, cfg.category, tc.kind, ft)
 
 
