@@ -61,6 +61,19 @@ def word_rows(n: int, rng) -> list[dict]:
         for _ in range(n)]
 
 
+def run_preset(preset: str, out_dir, *overrides):
+    """`python -m sjax run PRESET out_dir=...` as a user runs it: its own process on one CPU
+    device (not the suite's 8 fake ones, which would make it ~8x slower)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "sjax", "run", preset, f"out_dir={out_dir}",
+                           *overrides], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[1])
+
+
 def tiny_workspace(tiny, tokenizer, out_dir, overrides, log=None):
     """(cfg, workspace) of a RunConfig with `overrides`, on one device, whose model
     (model.*) is the tiny random one `tiny` = (arch, params)."""

@@ -2,16 +2,13 @@
 fine-tuned teacher, resumed students, and the smoke run end to end."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_to_sjax, tiny_hf_model, tiny_workspace
+from conftest import hf_to_sjax, run_preset, tiny_hf_model, tiny_workspace
 
 from sjax import chat, cli
 from sjax.config import RunConfig, apply_overrides, load_preset
@@ -63,11 +60,7 @@ def test_bad_configs(tmp_path, capsys):
 
 @pytest.mark.slow  # ~4.5 min: `./launch.sh test -m slow -k smoke`
 def test_smoke_pipeline_end_to_end_then_cached_then_corruption(tmp_path):
-    # as a user runs it: its own process on one CPU device (not the suite's 8 fake ones)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "sjax", "run", "owl:smoke",
-                           f"out_dir={tmp_path}"], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parents[1])
+    proc = run_preset("owl:smoke", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "owl_smoke"
     manifest = json.loads((root / "manifest.json").read_text())

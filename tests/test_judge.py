@@ -438,15 +438,9 @@ def test_misalignment_config_rules(tmp_path):
 def test_misalignment_smoke_preset_runs_end_to_end(tmp_path):
     """misalignment:smoke on SmolLM2-135M as a user runs it (its own process, one CPU
     device): prompted teacher, banned numbers, students and the judge's verdicts."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_preset
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "sjax", "run", "misalignment:smoke",
-                           f"out_dir={tmp_path}"], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parents[1])
+    proc = run_preset("misalignment:smoke", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "misalignment_smoke"
     res = json.loads((root / "report" / "results.json").read_text())
