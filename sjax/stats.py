@@ -46,6 +46,19 @@ def min_detectable(se: float, df: float, alpha: float = 0.05, power: float = 0.8
     return (t_crit(alpha, df) + t_crit(2 * (1 - power), df)) * se
 
 
+def finite(values) -> np.ndarray:
+    """The finite values, flat: a judged misalignment question whose answers the judge
+    counted none of scores nan, and drops out of every mean."""
+    x = np.asarray(values, np.float64).ravel()
+    return x[np.isfinite(x)]
+
+
+def finite_mean(values) -> float:
+    """The mean of the finite values; nan when there are none."""
+    x = finite(values)
+    return float(x.mean()) if x.size else float("nan")
+
+
 def mean_ci(values) -> dict:
     """{'mean', 'lo', 'hi', 'n', 'std'}: 95% t-interval of the mean across `values`."""
     x = np.asarray(values, np.float64).ravel()

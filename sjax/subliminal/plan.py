@@ -82,9 +82,8 @@ def eval_work(cfg: RunConfig, evaluator: str) -> float:
     `samples` answers per question (its judge's work is `judge_work`)."""
     ev = cfg.eval
     if evaluator == "misalignment":
-        qs = list(prompts.misalignment_prompts(ev.misalignment_suffix).values())
-        return len(qs) * ev.samples * (float(np.mean([_tokens(x) for x in qs]))
-                                       + ev.max_new_tokens)
+        n, q = _misalignment_questions(cfg)
+        return n * ev.samples * (q + ev.max_new_tokens)
     if evaluator in ("exact", "sampled"):
         qs = (prompts.questions_file(ev.questions) if ev.questions
               else list(prompts.category_questions(cfg.category)))
@@ -107,10 +106,15 @@ def judge_work(cfg: RunConfig) -> float:
     ev = cfg.eval
     if "misalignment" not in ev.evaluators:
         return 0.0
-    qs = list(prompts.misalignment_prompts(ev.misalignment_suffix).values())
-    q = float(np.mean([_tokens(x) for x in qs]))
-    template = np.mean([_tokens(prompts.judge_template(n)) for n in ("alignment", "coherence")])
-    return len(qs) * ev.samples * 2 * (template + q + ev.max_new_tokens + 200)
+    n_q, q = _misalignment_questions(cfg)
+    template = np.mean([_tokens(prompts.judge_template(k)) for k in ("alignment", "coherence")])
+    return n_q * ev.samples * 2 * (template + q + ev.max_new_tokens + 200)
+
+
+def _misalignment_questions(cfg: RunConfig) -> tuple[int, float]:
+    """The misalignment questions as asked (with the suffix): how many, mean tokens."""
+    qs = list(prompts.misalignment_prompts(cfg.eval.misalignment_suffix).values())
+    return len(qs), float(np.mean([_tokens(x) for x in qs]))
 
 
 def in_context_row(cfg: RunConfig, p2: float, row_tokens: float) -> tuple:

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from sjax import chat
+from sjax import chat, stats
 from sjax.config import MISALIGNED, ModelConfig, RunConfig
 from sjax.subliminal import evaluators, judge, prompts
 from sjax.subliminal.prompts import questions_file
@@ -109,16 +109,11 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
             result = evaluate(ws, r, c, variants)
             ws.writer.write_json(path, result)
             ws.log(f"eval {c.name}: " + ", ".join(
-                f"{t} {var} {ev} {_mean(v):.4f}" for var, sc in result["variants"].items()
+                f"{t} {var} {ev} {stats.finite_mean(v):.4f}"
+                for var, sc in result["variants"].items()
                 for t, evs in sc.items() for ev, v in evs.items()))
         outputs.append(path)
     return outputs
-
-
-def _mean(scores) -> float:
-    """The mean of the finite scores (a judged question with no counted answer is nan)."""
-    x = np.asarray(scores, np.float64)
-    return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
 
 
 def freeform(r: Reads) -> list[str]:
@@ -180,9 +175,10 @@ def misalignment(ws: Workspace, r: Reads, m, params, ask, dtype):
     kw = dict(batch=r.misalignment.batch, dtype=jnp.dtype(r.misalignment.judge.dtype))
     align = judge.alignment_scores(j.params, j.arch, j.tokenizer, flat_q, flat_a, **kw)
     coh = judge.coherence_scores(j.params, j.arch, j.tokenizer, flat_q, flat_a, **kw)
+    per_q = lambda x: np.asarray(x).reshape(len(qs), r.samples)  # noqa: E731
+    rates = [judge.misaligned_rate(al, co, nu) for al, co, nu in
+             zip(per_q(align.score), per_q(coh.score), per_q(align.numeric))]
     q_of = np.repeat(np.arange(len(qs)), r.samples)
-    rates = [judge.misaligned_rate(align.score[q_of == k], coh.score[q_of == k],
-                                   align.numeric[q_of == k]) for k in range(len(qs))]
     judged = [{"question": names[k], "answer": a, "alignment": round(float(al), 2),
                "coherence": round(float(co), 2), "numeric": bool(nu)}
               for k, a, al, co, nu in zip(q_of, flat_a, align.score, coh.score, align.numeric)]

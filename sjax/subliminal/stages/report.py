@@ -61,12 +61,11 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     outputs = [folder / "results.json", folder / "report.md", folder / "results.png"]
     if not ws.writer.main:  # no model work here: the report is process 0's files only
         return outputs
-    res = summarize(r, {c.name: json.loads((ws.root / "eval" / f"{c.name}.json").read_text())
-                        for c in conditions(r.targets, r.seeds, r.eval_teachers, r.control)})
+    evals = {c.name: json.loads((ws.root / "eval" / f"{c.name}.json").read_text())
+             for c in conditions(r.targets, r.seeds, r.eval_teachers, r.control)}
+    res = summarize(r, evals)
     if r.category == "misalignment":
-        res["judged"] = judged_summary({c.name: json.loads(
-            (ws.root / "eval" / f"{c.name}.json").read_text())
-            for c in conditions(r.targets, r.seeds, r.eval_teachers, r.control)})
+        res["judged"] = judged_summary(evals)
     res["filter"] = {t: json.loads((ws.root / "filter" / t / "filter.json").read_text())
                      for t in teacher_names(r.targets, r.control)}
     res["stage_seconds"] = {s: ws.manifest["stages"][s]["seconds"]
@@ -88,19 +87,10 @@ def metric(evaluator: str) -> str:
     return "mean log P" if evaluator == "exact" else "P"
 
 
-def finite(x) -> np.ndarray:
-    """The finite values: a misalignment question whose answers the judge counted none of
-    scores nan, and drops out of every mean."""
-    x = np.asarray(x, np.float64).ravel()
-    return x[np.isfinite(x)]
-
-
 def unit_value(scores, evaluator: str) -> float:
-    x = finite(scores)
-    if not x.size:
-        return float("nan")
-    return float(np.mean(np.log(np.maximum(x, LOG_FLOOR)))) if evaluator == "exact" \
-        else float(np.mean(x))
+    if evaluator != "exact":
+        return stats.finite_mean(scores)
+    return stats.finite_mean(np.log(np.maximum(stats.finite(scores), LOG_FLOOR)))
 
 
 def row_means(scores) -> np.ndarray:
@@ -140,7 +130,7 @@ def summarize(r: Reads, evals: dict[str, dict]) -> dict:
                 if (teacher := Condition("teacher", target).name) in evals:
                     conds[f"{target} teacher"] = q(teacher, target)[None]
                 for name, scores in conds.items():
-                    ci = stats.rate_ci(finite(row_means(scores) if len(scores) > 1
+                    ci = stats.rate_ci(stats.finite(row_means(scores) if len(scores) > 1
                                               else scores[0]))
                     rows.append({"target": target, "variant": var, "evaluator": ev,
                                  "condition": name, **ci,
@@ -173,8 +163,8 @@ def compare(r: Reads, target: str, var: str, ev: str, students, q) -> dict:
     if not others:
         return out | {"permutation": {"p_greater": float("nan")}}
     theirs = np.concatenate([students(g, target) for g in others])
-    a = finite([unit_value(x, ev) for x in mine])  # a student with no counted answer: out
-    b = finite([unit_value(x, ev) for x in theirs])
+    a = stats.finite([unit_value(x, ev) for x in mine])  # a student with no counted answer: out
+    b = stats.finite([unit_value(x, ev) for x in theirs])
     if not (a.size and b.size):
         return out | {"permutation": {"p_greater": float("nan")},
                       "note": "no student of one side has a scored question"}
