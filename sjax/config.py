@@ -382,8 +382,8 @@ class InContextConfig:
     ks: tuple[int, ...] = ()  # examples in context, one sweep point each
     seeds: tuple[int, ...] = (0, 1, 2)
     max_tokens: int = 4096  # the examples' own tokens (the system prompt); a k over it stops
-    n_questions: int = 0  # the first n evaluation questions (each holds the context); 0: all
-    batch: int = 8  # prompts per forward: each holds the whole context, so fewer than eval's
+    n_questions: int = 0  # the first n evaluation questions; 0: all
+    batch: int = 8  # questions per forward, each reading the context prefilled once
 
     def __post_init__(self):
         if len(set(self.ks)) != len(self.ks) or (self.ks and min(self.ks) < 1):

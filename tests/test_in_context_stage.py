@@ -229,7 +229,8 @@ def test_run_options_and_their_errors(tmp_path):
 
 def test_the_dry_run_plan_has_the_branch_and_no_students():
     """in_context:cpu plans teachers, numbers, filter and in_context; the in-context tokens
-    grow with the sum of the ks (each question prefills its whole context)."""
+    grow with the sum of the ks (each context is prefilled once per unit) and only a little
+    with the questions (each reads the context from the cache)."""
     arch = read_arch(resolve_source(ModelConfig(name="qwen2.5-0.5b", init="random")))
     shape = {"data": 1, "fsdp": 1, "tensor": 1}
 
@@ -240,9 +241,11 @@ def test_the_dry_run_plan_has_the_branch_and_no_students():
     cpu = rows()
     assert list(cpu) == ["teachers", "numbers", "filter", "in_context"]
     assert cpu["in_context"]["units"] == "36 (4 teachers x 3 k x 3 seeds)"
-    assert "10 questions each" in cpu["in_context"]["work"]
-    more = rows("in_context.ks=6,20,60")  # twice each k: a bit under twice the tokens
-    assert 1.9 < more["in_context"]["flops"] / cpu["in_context"]["flops"] < 2.0
+    assert "50 questions each" in cpu["in_context"]["work"]
+    more = rows("in_context.ks=6,20,60")  # twice each k: under twice the tokens
+    assert 1.4 < more["in_context"]["flops"] / cpu["in_context"]["flops"] < 2.0
+    fewer = rows("in_context.n_questions=10")  # a fifth of the questions, every context
+    assert 0.5 < fewer["in_context"]["flops"] / cpu["in_context"]["flops"] < 0.8
     assert list(rows("train_students=true")) == [
         "teachers", "numbers", "filter", "in_context", "students", "eval", "report"]
     assert "in_context" not in rows("in_context.ks=")

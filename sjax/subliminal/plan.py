@@ -119,13 +119,15 @@ def _misalignment_questions(cfg: RunConfig) -> tuple[int, float]:
 
 def in_context_row(cfg: RunConfig, p2: float, row_tokens: float) -> tuple:
     """The in-context control: per teacher, k and seed, every question with k kept rows (~a
-    numbers row's tokens each) as its system prompt: one prefill of the whole context each."""
+    numbers row's tokens each) as its system prompt. The context is the prompts' shared
+    prefix, prefilled once per unit (`evaluators.batched_node_logprobs`); each question then
+    reads it from the cache, its own tokens and the target spellings' few."""
     ic = cfg.in_context
     qs = (prompts.questions_file(cfg.eval.questions) if cfg.eval.questions
           else list(prompts.category_questions(cfg.category)))[:ic.n_questions or None]
     q = float(np.mean([_tokens(x) for x in qs]))
     units = (len(cfg.targets) + 1) * len(ic.seeds)
-    tokens = units * len(qs) * sum(k * row_tokens + q for k in ic.ks)
+    tokens = units * sum(k * row_tokens + len(qs) * (q + 4 * len(cfg.targets)) for k in ic.ks)
     k = max(ic.ks)
     return ("in_context", f"{units * len(ic.ks)} ({len(cfg.targets) + 1} teachers x "
             f"{len(ic.ks)} k x {len(ic.seeds)} seeds)",

@@ -110,3 +110,72 @@ def hf_tensors_from_gguf(reader, arch: ArchConfig, path: Path) -> dict[str, np.n
             w = _unpermute(w, arch.n_heads if ".attn_q." in t.name else arch.n_kv_heads)
         out[name] = w
     return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+# How each `tokenizer.ggml.pre` splits text before byte-level BPE (the regex its merges were
+# learned on); a file without an entry here gets GPT-2's split (ByteLevel's own regex).
+# Qwen2's is transformers' models/qwen2 PRETOKENIZE_REGEX, copied: it is part of the model.
+_PRE_SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types: special tokens, plain added tokens
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, in which byte-level vocabularies are spelled."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def tokenizer_from_gguf(reader, path: Path):
+    """The Hugging Face fast tokenizer a byte-level BPE GGUF describes (vocabulary, merges,
+    pre-tokenizer split, special tokens, chat template), built with `tokenizers` alone: the
+    transformers GGUF path reads the file with torch, which sjax does not need at run time.
+    tests/test_registry_models.py checks it against that path, token for token."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise SjaxError(f"{path}: tokenizer.ggml.model={kind!r}: sjax builds byte-level BPE "
+                        "(gpt2) tokenizers only; load the Hugging Face folder instead")
+    try:
+        tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+        merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    except TypeError:
+        raise SjaxError(f"{path}: GGUF tokenizer incomplete (no tokens or merges)") from None
+    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode()): i
+             for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                               continuing_subword_prefix="", end_of_word_suffix=""))
+    split = _PRE_SPLITS.get(_field(reader, "tokenizer.ggml.pre"))
+    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None else
+                         pre_tokenizers.Sequence([
+                             pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                             pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                      use_regex=False)]))
+    tok.decoder = decoders.ByteLevel()
+    # a control token spelled outside the byte alphabet is a converter's mislabel, not special
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= spelled])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab])
+
+    def special(key):
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        return None if i is None else tokens[int(i)]
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=special("bos"), eos_token=special("eos"),
+        unk_token=special("unknown"), pad_token=special("padding"),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)))

@@ -82,15 +82,16 @@ def load_tokenizer(path: Path):
 
     if path.is_dir():
         return AutoTokenizer.from_pretrained(str(path))
-    # Converting a GGUF vocabulary takes seconds; do it once per file content.
+    # Converting a GGUF vocabulary takes seconds; do it once per file content (and converter:
+    # the suffix names sjax's own, gguf_io.tokenizer_from_gguf).
     entry = next((e for e in registry.REGISTRY.values()
                   if path == registry.model_path(e.name)), None)
     digest = entry.file.sha256 if entry else files.sha256_file(path)
-    cached = files.cache_dir() / "tokenizers" / digest[:16]
+    cached = files.cache_dir() / "tokenizers" / f"{digest[:16]}-sjax"
     if not cached.is_dir():  # renamed into place whole: present means complete
         with files.locked(cached, f"converting the tokenizer of {path}"):
             if not cached.is_dir():
-                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                tok = gguf_io.tokenizer_from_gguf(gguf_io.open_reader(path), path)
                 files.atomic_write(cached, lambda tmp: tok.save_pretrained(str(tmp)))
     return AutoTokenizer.from_pretrained(str(cached))
 
