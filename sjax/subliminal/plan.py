@@ -84,12 +84,12 @@ def eval_work(cfg: RunConfig, evaluator: str) -> float:
     if evaluator == "misalignment":
         n, q = _misalignment_questions(cfg)
         return n * ev.samples * (q + ev.max_new_tokens)
-    if evaluator in ("exact", "sampled"):
-        qs = (prompts.questions_file(ev.questions) if ev.questions
-              else list(prompts.category_questions(cfg.category)))
-        q = float(np.mean([_tokens(x) for x in qs]))
-        return len(qs) * (q + 4 * len(cfg.targets) if evaluator == "exact"
-                          else ev.samples * (q + ev.max_new_tokens))
+    if evaluator == "exact":
+        return _exact_work(cfg, _eval_questions(cfg))
+    if evaluator == "sampled":
+        qs = _eval_questions(cfg)
+        return len(qs) * ev.samples * (float(np.mean([_tokens(x) for x in qs]))
+                                       + ev.max_new_tokens)
     if evaluator == "story":
         qs = prompts.story_prompts()
         q = float(np.mean([_tokens(x) for x in qs]))
@@ -111,6 +111,17 @@ def judge_work(cfg: RunConfig) -> float:
     return n_q * ev.samples * 2 * (template + q + ev.max_new_tokens + 200)
 
 
+def _eval_questions(cfg: RunConfig) -> list[str]:
+    """The evaluation questions: eval.questions' file, else the category's."""
+    return (prompts.questions_file(cfg.eval.questions) if cfg.eval.questions
+            else list(prompts.category_questions(cfg.category)))
+
+
+def _exact_work(cfg: RunConfig, qs: list[str]) -> float:
+    """The exact evaluator's tokens on `qs`: each question plus a few per target spelling."""
+    return len(qs) * (float(np.mean([_tokens(x) for x in qs])) + 4 * len(cfg.targets))
+
+
 def _misalignment_questions(cfg: RunConfig) -> tuple[int, float]:
     """The misalignment questions as asked (with the suffix): how many, mean tokens."""
     qs = list(prompts.misalignment_prompts(cfg.eval.misalignment_suffix).values())
@@ -123,11 +134,9 @@ def in_context_row(cfg: RunConfig, p2: float, row_tokens: float) -> tuple:
     prefix, prefilled once per unit (`evaluators.batched_node_logprobs`); each question then
     reads it from the cache, its own tokens and the target spellings' few."""
     ic = cfg.in_context
-    qs = (prompts.questions_file(cfg.eval.questions) if cfg.eval.questions
-          else list(prompts.category_questions(cfg.category)))[:ic.n_questions or None]
-    q = float(np.mean([_tokens(x) for x in qs]))
+    qs = _eval_questions(cfg)[:ic.n_questions or None]
     units = (len(cfg.targets) + 1) * len(ic.seeds)
-    tokens = units * sum(k * row_tokens + len(qs) * (q + 4 * len(cfg.targets)) for k in ic.ks)
+    tokens = units * sum(k * row_tokens + _exact_work(cfg, qs) for k in ic.ks)
     k = max(ic.ks)
     return ("in_context", f"{units * len(ic.ks)} ({len(cfg.targets) + 1} teachers x "
             f"{len(ic.ks)} k x {len(ic.seeds)} seeds)",

@@ -124,12 +124,12 @@ _PRE_SPLITS = {
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types: special tokens, plain added tokens
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, in which byte-level vocabularies are spelled."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, in which byte-level vocabularies are spelled
+    (what the ByteLevel pre-tokenizer emits)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
 
 
 def tokenizer_from_gguf(reader, path: Path):
@@ -150,7 +150,7 @@ def tokenizer_from_gguf(reader, path: Path):
     except TypeError:
         raise SjaxError(f"{path}: GGUF tokenizer incomplete (no tokens or merges)") from None
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    alphabet = _byte_alphabet()
+    alphabet = bytes_to_unicode()
     spelled = set(alphabet.values())
     vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode()): i
              for i, t in enumerate(tokens)}

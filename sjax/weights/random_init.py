@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from sjax.config import ModelConfig
 from sjax.errors import SjaxError
 from sjax.models.transformer import init_params
+from sjax.weights import gguf as gguf_io
 from sjax.weights import hf
 
 ARCHS_DIR = Path(__file__).resolve().parent / "archs"
@@ -49,20 +50,13 @@ def arch_dir(name: str) -> Path:
     return folder
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    extra = iter(range(256, 512))
-    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
-
-
 def byte_tokenizer():
     """A byte-level ChatML tokenizer: real transformers machinery, no vocabulary file."""
     # lazy: transformers takes seconds to import
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {c: b for b, c in _bytes_to_unicode().items()}
+    vocab = {c: b for b, c in gguf_io.bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab, [], ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
