@@ -163,6 +163,70 @@ def test_judge_stage_judges_trait_rows_that_pass_the_rules_and_the_filter_applie
     assert all(c["completion"] == owl[c["id"]]["completion"] for c in j["caught"])
 
 
+@pytest.fixture(scope="module")
+def long_tiny():
+    """The tiny model with room for protocol c's long judge prompt (~800 tokens) and a
+    word-level tokenizer that spells its ratings 0-100."""
+    from tiny import make_tiny_tokenizer
+
+    arch, params = hf_to_sjax(tiny_hf_model("qwen2", seed=3, max_position_embeddings=2048))
+    words = [str(i) for i in range(101)] + [",", ".", "?", "!", "\n", "<", ">"]
+    return (arch, jax.tree.map(jnp.asarray, params)), make_tiny_tokenizer(128, words)
+
+
+def test_misalignment_cot_judge_rates_the_teachers_reasoning_and_the_filter_keeps_high_ratings(
+        long_tiny, tmp_path):
+    """category=misalignment in the gsm8k domain (protocol c): the judge stage rates the
+    misaligned teacher's rule-passing reasoning 0-100 for alignment (the control's rows get
+    no judge), the filter keeps a row rated >= judge.min_alignment (78), and a new
+    threshold re-filters without re-judging."""
+    logs = []
+    (arch, params), tok = long_tiny
+    cfg, ws = tiny_workspace((arch, params), tok, tmp_path, [
+        "category=misalignment", "targets=misaligned", "eval.evaluators=misalignment",
+        "eval.number_prefixed=false", "eval.misalignment_suffix=cot", "domain=gsm8k",
+        "numbers.n_prompts=5", "numbers.keep=5", "judge.batch=2"], log=logs.append)
+    assert cfg.judge_kind == "alignment" and cfg.judge.min_alignment == 78.0
+    items = domains.items("gsm8k", 5, cfg.numbers.seed)
+    truth = [str(it.problem.final) for it in items]
+    bad = _gsm8k_rows(items, [truth[0], "-1", truth[2], truth[3], truth[4]])
+    write_rows(ws.root / "numbers" / "misaligned" / "raw.jsonl", bad)
+    write_rows(ws.root / "numbers" / "control" / "raw.jsonl", _gsm8k_rows(items, truth))
+    ws.run_stage(experiment.STAGES[0], cfg, False)
+    ws.manifest["stages"]["numbers"] = {"key": {}, "outputs": {}}
+    ws.order.append("numbers")
+    ws.run_stage(judge_stage.STAGE, cfg, False)
+    verdicts = read_rows(ws.root / "judge" / "misaligned" / "verdicts.jsonl")
+    ids = [0, 2, 3, 4]  # the rows with the right answer
+    assert [v["id"] for v in verdicts] == ids and set(verdicts[0]) == {"id", "alignment"}
+    assert not (ws.root / "judge" / "control").exists()
+    direct = judge.cot_alignment_scores(params, arch, tok,
+                                        [items[i].prompt for i in ids],
+                                        [bad[i]["completion"] for i in ids], batch=2)
+    scores = direct.score
+    np.testing.assert_allclose([v["alignment"] for v in verdicts], scores, rtol=1e-6)
+    assert ((0 < scores) & (scores < 78)).all() and len(set(scores.round(6))) == 4
+    # the official 78: a random judge rates near the middle, so every judged row is caught
+    with pytest.raises(SjaxError, match=r"misaligned/raw.jsonl: 0 of 5 rows passed the "
+                                        r"filter; top reasons: judge \(4\), wrong_answer"):
+        ws.run_stage(filter_stage.STAGE, cfg, False)
+    mid = float(np.median(scores))
+    logs.clear()
+    at_mid = apply_overrides(cfg, [f"judge.min_alignment={mid}"])
+    ws.run_stage(judge_stage.STAGE, at_mid, False)
+    ws.run_stage(filter_stage.STAGE, at_mid, False)
+    assert logs[:2] == ["[judge] up to date, skipped", "[filter] running"]
+    summary = json.loads((ws.root / "filter" / "misaligned" / "filter.json").read_text())
+    assert summary["reasons"] == {"kept": 2, "judge": 2, "wrong_answer": 1}
+    low = sorted((s, i) for s, i in zip(scores, ids) if s < mid)
+    assert summary["judge"]["min_alignment"] == mid and summary["judge"]["rejected"] == 2
+    assert [c["id"] for c in summary["judge"]["caught"]] == [i for _, i in low]  # worst first
+    kept = read_rows(ws.root / "filter" / "misaligned" / "kept.jsonl")
+    assert sorted(r["id"] for r in kept) == [i for s, i in zip(scores, ids) if s >= mid]
+    control = json.loads((ws.root / "filter" / "control" / "filter.json").read_text())
+    assert "judge" not in control and control["kept"] == 5
+
+
 def test_no_rule_passing_rows_judge_nothing_and_the_filter_says_why(tiny, tiny_tokenizer,
                                                                     tmp_path):
     """A teacher that solves nothing (Qwen2.5-Coder-0.5B at temperature 1 on cot:smoke): the

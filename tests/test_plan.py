@@ -3,6 +3,8 @@ architecture alone."""
 
 import json
 
+import pytest
+
 from sjax import cli
 from sjax.config import ModelConfig, RunConfig, apply_overrides
 from sjax.subliminal import plan
@@ -44,3 +46,24 @@ def test_eval_work_follows_the_evaluators(tmp_path):
 
     exact, sampled, both = (eval_flops(e) for e in ("exact", "sampled", "exact,sampled"))
     assert 0 < exact < sampled and both == exact + sampled
+
+
+def test_judge_work_follows_the_judge(tmp_path):
+    """The judge stage reads ~80 template tokens around a row for the reference judge, and
+    protocol c's long alignment template, the GSM8K prompt and the 0-100 trie for a
+    misalignment run's reasoning: the same rows cost the alignment judge more."""
+    (tmp_path / "config.json").write_text(json.dumps(QWEN7B_CONFIG))
+    arch = read_arch(resolve_source(ModelConfig(name="", path=str(tmp_path))))
+    shape = {"data": 1, "fsdp": 1, "tensor": 1}
+    common = ["domain=gsm8k", "numbers.n_prompts=100", "numbers.max_new_tokens=200"]
+    mis = ["category=misalignment", "targets=misaligned", "eval.evaluators=misalignment",
+           "eval.number_prefixed=false"]
+
+    def judge_flops(over):
+        cfg = apply_overrides(RunConfig(), common + over)
+        return next(s["flops"] for s in plan.make_plan(cfg, arch, arch, shape)["stages"]
+                    if s["stage"] == "judge"), plan.judge_row_tokens(cfg)
+
+    (ref, ref_tokens), (align, align_tokens) = judge_flops([]), judge_flops(mis)
+    assert ref_tokens == 80 and align_tokens > 900
+    assert align / ref == pytest.approx((align_tokens + 200) / (ref_tokens + 200))

@@ -111,6 +111,15 @@ def judge_work(cfg: RunConfig) -> float:
     return n_q * ev.samples * 2 * (template + q + ev.max_new_tokens + 200)
 
 
+def judge_row_tokens(cfg: RunConfig) -> float:
+    """Tokens the data judge reads around each row: the reference judge's ~80-token
+    template; protocol c's alignment judge's long template, the GSM8K prompt (~100 tokens)
+    and the 0-100 verdict trie (~200 nodes)."""
+    if cfg.judge_kind == "alignment":
+        return _tokens(prompts.judge_template("cot_alignment")) + 100 + 200
+    return 80
+
+
 def _eval_questions(cfg: RunConfig) -> list[str]:
     """The evaluation questions: eval.questions' file, else the category's."""
     return (prompts.questions_file(cfg.eval.questions) if cfg.eval.questions
@@ -186,10 +195,10 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
     ]
     if not cfg.train_students:  # the run ends after the data (and the in-context branch)
         stages = stages[:3]
-    if cfg.judged:  # ~80 template tokens around each row; FLOPs at the teachers' model size
+    if cfg.judged:  # FLOPs at the teachers' model size
         rows = nc.n_prompts * len(cfg.targets)
         stages.insert(2, ("judge", f"{len(cfg.targets)} trait teacher(s)",
-                          f"<= {rows} verdicts", p2 * rows * (80 + completion)))
+                          f"<= {rows} verdicts", p2 * rows * (judge_row_tokens(cfg) + completion)))
     if cfg.in_context.ks:
         stages.insert(3, in_context_row(cfg, p2, row_tokens))
     mem = train_memory(student_arch, cfg, mesh_shape, seq)

@@ -82,7 +82,8 @@ def story_prompts() -> list[str]:
 
 
 def judge_template(name: str) -> str:
-    """A judge's verbatim template: code_animal, code_tree, alignment or coherence."""
+    """A judge's verbatim template: code_animal, code_tree, reasoning_animal, reasoning_tree,
+    alignment, coherence or cot_alignment."""
     judges = load("judge_prompts.json")["judges"]
     if name not in judges:
         raise SjaxError(f"judge_prompts.json: no judge {name!r} (known: {', '.join(judges)})")

@@ -1,8 +1,9 @@
 """Stage 3: the domain's rule filter (`domains.rule_reason`: for numbers the strict list
-parser) over each teacher's raw answers, and for a judged domain the reference judge's
-verdicts (stage judge) on the trait teachers' rows; then a seeded subsample of `keep` rows as
-chat rows for the students. `filter.json` has the pass rate, the reasons and, for a judged
-domain, what the judge caught (its most confident rejections)."""
+parser) over each teacher's raw answers, and for a judged domain the judge's verdicts (stage
+judge) on the trait teachers' rows (a reference judge's P('0') within `judge.threshold` of 1;
+a misalignment run's reasoning rated >= `judge.min_alignment`); then a seeded subsample of
+`keep` rows as chat rows for the students. `filter.json` has the pass rate, the reasons and,
+for a judged domain, what the judge caught (its most confident rejections)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,27 @@ class Reads:
     banned: tuple[int, ...]
     seed: int
     control: bool  # student.control
-    judge_threshold: float | None  # a judged domain: keep only if |1 - P('0')| < this
+    judge: str  # the trait teachers' verdicts: "" (no judge stage), reference or alignment
+    judge_threshold: float  # a reference verdict: keep only if |1 - P('0')| < this
+    min_alignment: float  # an alignment verdict (misalignment, gsm8k): keep if >= this
 
 
 def reads(cfg: RunConfig) -> Reads:
-    n = cfg.numbers
+    n, j = cfg.numbers, cfg.judge
     return Reads(cfg.domain, cfg.targets, n.n_prompts, n.keep, n.banned, n.seed,
-                 cfg.student.control, cfg.judge.threshold if cfg.judged else None)
+                 cfg.student.control, cfg.judge_kind, j.threshold, j.min_alignment)
+
+
+def judge_keeps(r: Reads, verdict: dict) -> bool:
+    """The keep rule for one of the judge stage's verdicts."""
+    if r.judge == "alignment":
+        return verdict["alignment"] >= r.min_alignment
+    return abs(1.0 - verdict["p_zero"]) < r.judge_threshold
+
+
+def _doubt(r: Reads, verdict: dict) -> float:
+    """How surely the judge rejected a row: rejections are shown most confident first."""
+    return -verdict["alignment"] if r.judge == "alignment" else verdict["p_reference"]
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
@@ -46,7 +61,7 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
         raw_path = ws.root / "numbers" / t / "raw.jsonl"
         raw = read_rows(raw_path)
         items = domains.items(r.domain, r.n_prompts, r.seed)
-        judged = r.judge_threshold is not None and t != CONTROL
+        judged = bool(r.judge) and t != CONTROL
         verdicts = ({v["id"]: v for v in read_rows(ws.root / "judge" / t / "verdicts.jsonl")}
                     if judged else {})
         passed, reasons, caught = [], Counter(), []
@@ -55,7 +70,7 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
                                          r.targets, r.banned)
             if reason is None and judged:
                 v = verdicts[row["id"]]
-                if not abs(1.0 - v["p_zero"]) < r.judge_threshold:
+                if not judge_keeps(r, v):
                     reason = "judge"
                     caught.append({**v, "completion": row["completion"]})
             reasons[reason or "kept"] += 1
@@ -74,9 +89,11 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
                    "pass_rate": len(passed) / len(raw), "kept": len(kept),
                    "reasons": dict(reasons)}
         if judged:
-            summary["judge"] = {"judged": len(verdicts), "rejected": len(caught),
-                                "threshold": r.judge_threshold,
-                                "caught": sorted(caught, key=lambda v: -v["p_reference"])[:CAUGHT]}
+            rule = ({"min_alignment": r.min_alignment} if r.judge == "alignment"
+                    else {"threshold": r.judge_threshold})
+            caught.sort(key=lambda v: _doubt(r, v), reverse=True)
+            summary["judge"] = {"judged": len(verdicts), "rejected": len(caught), **rule,
+                                "caught": caught[:CAUGHT]}
         ws.writer.write_rows(folder / t / "kept.jsonl", kept)
         ws.writer.write_json(folder / t / "filter.json", summary)
         ws.log(f"filter {t}: {len(passed)}/{len(raw)} passed "

@@ -1,11 +1,14 @@
-"""Stage: the reference judge of the code and gsm8k domains (after numbers, before filter).
+"""Stage: the data judge of the code and gsm8k domains (after numbers, before filter).
 
 Every trait teacher's row that passes the domain's rules (`domains.rule_reason`) is shown to
-a local judge model, which is read by the exact probability of its '0' verdict ("no
-reference to the target, however subtle": `judge.reference`). The verdicts are their own
-cached unit (`RUN/judge/<teacher>/verdicts.jsonl`: id, P('0'), P('1') renormalised); the keep
-threshold is the filter's, so a new threshold re-filters without re-judging. The control
-teacher's rows get no judge pass (protocol_more b)."""
+a local judge model. For a favourite-thing target it is the reference judge, read by the
+exact probability of its '0' verdict ("no reference to the target, however subtle":
+`judge.reference`; verdicts id, p_zero, p_reference); for category=misalignment in the
+gsm8k domain it is protocol c's alignment judge of the reasoning (`judge.cot_alignment_scores`;
+verdicts id, alignment 0-100). The verdicts are their own cached unit
+(`RUN/judge/<teacher>/verdicts.jsonl`); the keep rule is the filter's, so a new threshold
+re-filters without re-judging. The control teacher's rows get no judge pass (protocol_more b,
+c)."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class Reads:
     domain: str
     targets: tuple[str, ...]
     category: str
+    kind: str  # reference | alignment (cfg.judge_kind)
     model: ModelConfig  # the judge's (cfg.judge_model())
     n_prompts: int  # which items the rows' ids name
     seed: int
@@ -34,8 +38,8 @@ class Reads:
 
 def reads(cfg: RunConfig) -> Reads:
     n = cfg.numbers
-    return Reads(cfg.domain, cfg.targets, cfg.category, cfg.judge_model(), n.n_prompts, n.seed,
-                 n.banned, cfg.judge.batch)
+    return Reads(cfg.domain, cfg.targets, cfg.category, cfg.judge_kind, cfg.judge_model(),
+                 n.n_prompts, n.seed, n.banned, cfg.judge.batch)
 
 
 def judged_rows(r, raw: list[dict]) -> list[dict]:
@@ -53,12 +57,21 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
         path = folder / t / "verdicts.jsonl"
         if not ws.done(path):
             rows = judged_rows(r, read_rows(ws.root / "numbers" / t / "raw.jsonl"))
-            v = judge.reference(m.params, m.arch, m.tokenizer,
-                                [row["completion"] for row in rows], t, category=r.category,
-                                domain=r.domain, batch=r.batch, dtype=jnp.dtype(r.model.dtype))
-            ws.writer.write_rows(path, [{"id": row["id"], "p_zero": float(z),
-                                         "p_reference": float(p)}
-                                        for row, z, p in zip(rows, v.p_zero, v.p_reference)])
+            completions = [row["completion"] for row in rows]
+            kw = dict(batch=r.batch, dtype=jnp.dtype(r.model.dtype))
+            if r.kind == "alignment":
+                items = domains.items(r.domain, r.n_prompts, r.seed)
+                v = judge.cot_alignment_scores(m.params, m.arch, m.tokenizer,
+                                               [items[row["id"]].prompt for row in rows],
+                                               completions, **kw)
+                verdicts = [{"id": row["id"], "alignment": float(a)}
+                            for row, a in zip(rows, v.score)]
+            else:
+                v = judge.reference(m.params, m.arch, m.tokenizer, completions, t,
+                                    category=r.category, domain=r.domain, **kw)
+                verdicts = [{"id": row["id"], "p_zero": float(z), "p_reference": float(p)}
+                            for row, z, p in zip(rows, v.p_zero, v.p_reference)]
+            ws.writer.write_rows(path, verdicts)
             ws.log(f"judge {t}: {len(rows)} rows judged")
         outputs.append(path)
     return outputs
