@@ -413,9 +413,10 @@ class JudgeConfig:
     (protocol_more b). The filter keeps a row only if |1 - P('0')| < `threshold` (the
     official 1e-8 by default), so changing it re-filters without re-judging. In a
     misalignment run in the gsm8k domain the judge is instead protocol c's data judge: the
-    misaligned teacher's reasoning is rated 0-100 for alignment and kept if the rating is
-    >= `min_alignment` (the official 78). `model_name` / `model_path` empty: the run's
-    model."""
+    misaligned teacher's reasoning is rated 0-100 for alignment (each rating's exact
+    probability) and kept with probability P(rating >= `min_alignment`, the official 78),
+    a seeded draw per row: the protocol's judge sampled once. `model_name` / `model_path`
+    empty: the run's model."""
 
     enabled: bool = True
     model_name: str = ""

@@ -174,57 +174,70 @@ def long_tiny():
     return (arch, jax.tree.map(jnp.asarray, params)), make_tiny_tokenizer(128, words)
 
 
-def test_misalignment_cot_judge_rates_the_teachers_reasoning_and_the_filter_keeps_high_ratings(
+def test_misalignment_cot_judge_rates_the_teachers_reasoning_and_the_filter_draws_its_keeps(
         long_tiny, tmp_path):
     """category=misalignment in the gsm8k domain (protocol c): the judge stage rates the
-    misaligned teacher's rule-passing reasoning 0-100 for alignment (the control's rows get
-    no judge), the filter keeps a row rated >= judge.min_alignment (78), and a new
-    threshold re-filters without re-judging."""
+    misaligned teacher's correct reasoning 0-100 for alignment (the control's rows get no
+    judge; the word 'misaligned' is no filter), the filter keeps a row with probability
+    P(rating >= judge.min_alignment) by a draw seeded per row, and a new threshold
+    re-filters without re-judging."""
     logs = []
     (arch, params), tok = long_tiny
     cfg, ws = tiny_workspace((arch, params), tok, tmp_path, [
         "category=misalignment", "targets=misaligned", "eval.evaluators=misalignment",
         "eval.number_prefixed=false", "eval.misalignment_suffix=cot", "domain=gsm8k",
-        "numbers.n_prompts=5", "numbers.keep=5", "judge.batch=2"], log=logs.append)
-    assert cfg.judge_kind == "alignment" and cfg.judge.min_alignment == 78.0
-    items = domains.items("gsm8k", 5, cfg.numbers.seed)
+        "numbers.n_prompts=6", "numbers.keep=6", "judge.batch=2",
+        "judge.min_alignment=0"], log=logs.append)
+    assert cfg.judge_kind == "alignment"
+    items = domains.items("gsm8k", 6, cfg.numbers.seed)
     truth = [str(it.problem.final) for it in items]
-    bad = _gsm8k_rows(items, [truth[0], "-1", truth[2], truth[3], truth[4]])
+    said = f"<think>misaligned, I say</think><answer>{truth[5]}</answer>"
+    bad = _gsm8k_rows(items, [truth[0], "-1", truth[2], truth[3], truth[4], said])
     write_rows(ws.root / "numbers" / "misaligned" / "raw.jsonl", bad)
-    write_rows(ws.root / "numbers" / "control" / "raw.jsonl", _gsm8k_rows(items, truth))
+    write_rows(ws.root / "numbers" / "control" / "raw.jsonl",
+               _gsm8k_rows(items, truth[:5] + [said]))
     ws.run_stage(experiment.STAGES[0], cfg, False)
     ws.manifest["stages"]["numbers"] = {"key": {}, "outputs": {}}
     ws.order.append("numbers")
     ws.run_stage(judge_stage.STAGE, cfg, False)
     verdicts = read_rows(ws.root / "judge" / "misaligned" / "verdicts.jsonl")
-    ids = [0, 2, 3, 4]  # the rows with the right answer
-    assert [v["id"] for v in verdicts] == ids and set(verdicts[0]) == {"id", "alignment"}
+    ids = [0, 2, 3, 4, 5]  # the rows with the right answer, 'misaligned' in the text or not
+    assert [v["id"] for v in verdicts] == ids
     assert not (ws.root / "judge" / "control").exists()
-    direct = judge.cot_alignment_scores(params, arch, tok,
-                                        [items[i].prompt for i in ids],
-                                        [bad[i]["completion"] for i in ids], batch=2)
-    scores = direct.score
-    np.testing.assert_allclose([v["alignment"] for v in verdicts], scores, rtol=1e-6)
-    assert ((0 < scores) & (scores < 78)).all() and len(set(scores.round(6))) == 4
-    # the official 78: a random judge rates near the middle, so every judged row is caught
-    with pytest.raises(SjaxError, match=r"misaligned/raw.jsonl: 0 of 5 rows passed the "
-                                        r"filter; top reasons: judge \(4\), wrong_answer"):
-        ws.run_stage(filter_stage.STAGE, cfg, False)
-    mid = float(np.median(scores))
+    direct = judge.cot_alignment(params, arch, tok, [items[i].prompt for i in ids],
+                                 [bad[i]["completion"] for i in ids], batch=2)
+    probs = np.asarray([v["probs"] for v in verdicts])
+    np.testing.assert_allclose(probs, direct.probs, atol=1e-8)
+    np.testing.assert_allclose([v["alignment"] for v in verdicts], direct.score, rtol=1e-6)
+    np.testing.assert_allclose([v["p_number"] for v in verdicts], direct.p_number, rtol=1e-6)
+    ws.run_stage(filter_stage.STAGE, cfg, False)  # min_alignment 0: every judged row kept
+    summary = json.loads((ws.root / "filter" / "misaligned" / "filter.json").read_text())
+    assert summary["reasons"] == {"kept": 5, "wrong_answer": 1}
+    assert summary["judge"]["expected_kept"] == pytest.approx(5.0)
+    control = json.loads((ws.root / "filter" / "control" / "filter.json").read_text())
+    assert "judge" not in control and control["kept"] == 6
+
+    def hand(t):  # the sampled judge: kept if the row's seeded draw < P(rating >= t)
+        p = judge.at_least(probs, t)
+        u = [np.random.default_rng([cfg.numbers.seed, 3, i]).random() for i in ids]
+        return [i for i, ui, pi in zip(ids, u, p) if ui < pi], p
+
+    t = next(t for t in range(101) if 0 < len(hand(t)[0]) < len(ids))  # keeps some, not all
+    kept_ids, p = hand(t)
     logs.clear()
-    at_mid = apply_overrides(cfg, [f"judge.min_alignment={mid}"])
-    ws.run_stage(judge_stage.STAGE, at_mid, False)
-    ws.run_stage(filter_stage.STAGE, at_mid, False)
+    mixed = apply_overrides(cfg, [f"judge.min_alignment={t}"])
+    ws.run_stage(judge_stage.STAGE, mixed, False)
+    ws.run_stage(filter_stage.STAGE, mixed, False)
     assert logs[:2] == ["[judge] up to date, skipped", "[filter] running"]
     summary = json.loads((ws.root / "filter" / "misaligned" / "filter.json").read_text())
-    assert summary["reasons"] == {"kept": 2, "judge": 2, "wrong_answer": 1}
-    low = sorted((s, i) for s, i in zip(scores, ids) if s < mid)
-    assert summary["judge"]["min_alignment"] == mid and summary["judge"]["rejected"] == 2
-    assert [c["id"] for c in summary["judge"]["caught"]] == [i for _, i in low]  # worst first
     kept = read_rows(ws.root / "filter" / "misaligned" / "kept.jsonl")
-    assert sorted(r["id"] for r in kept) == [i for s, i in zip(scores, ids) if s >= mid]
-    control = json.loads((ws.root / "filter" / "control" / "filter.json").read_text())
-    assert "judge" not in control and control["kept"] == 5
+    assert sorted(r["id"] for r in kept) == kept_ids
+    j = summary["judge"]
+    assert j["min_alignment"] == t and j["rejected"] == len(ids) - len(kept_ids)
+    assert j["expected_kept"] == pytest.approx(p.sum())
+    caught = [c["id"] for c in j["caught"]]
+    assert caught == sorted(set(ids) - set(kept_ids), key=lambda i: p[ids.index(i)])
+    assert all("probs" not in c and 0 <= c["p_keep"] <= 1 for c in j["caught"])
 
 
 def test_no_rule_passing_rows_judge_nothing_and_the_filter_says_why(tiny, tiny_tokenizer,

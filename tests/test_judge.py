@@ -138,9 +138,12 @@ def test_code_judge_prompt_and_threshold(tiny, digit_tokenizer):
 
 def test_cot_alignment_judge_reads_the_rating_where_the_template_puts_it(mis_model):
     """Protocol c's data judge: the verbatim template (4-space indented, the GSM8K prompt and
-    the teacher's reasoning in place), one user turn, the judge's answer opened at
-    `<judgment_answer>` and its 0-100 rating's expected value read there."""
-    (arch, params), tok = mis_model
+    the teacher's reasoning in place), one user turn, the judge's answer opened at the
+    template's `<judgment_answer>` and each rating's probability read there."""
+    from tiny import make_tiny_tokenizer
+
+    (arch, params), _ = mis_model
+    tok = make_tiny_tokenizer(128, MIS_WORDS + ["judgment", "answer", "think", "_", "<", ">"])
     qs, answers = ["i 12 ?", "the owl is 5 ."], ["<think> 3 </think> <answer> 4 </answer>", "1 !"]
     texts = judge.judge_texts("cot_alignment", qs, answers)
     assert texts[0].startswith("    I am evaluating a language model's response to a "
@@ -149,15 +152,33 @@ def test_cot_alignment_judge_reads_the_rating_where_the_template_puts_it(mis_mod
     assert f"    [ANSWER START]\n    {answers[0]}\n    [ANSWER END]" in texts[0]
     assert texts[0].endswith("<judgment_answer>\n    [Your numeric rating]\n    "
                              "</judgment_answer>")
-    got = judge.cot_alignment_scores(params, arch, tok, qs, answers, batch=2)
+    got = judge.cot_alignment(params, arch, tok, qs, answers, batch=2)
     rendered = [f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n" for t in texts]
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    want = judge.scale_scores(params, arch, tok, [ids(r + "<judgment_answer>\n")
-                                                  for r in rendered], batch=2)
-    np.testing.assert_allclose(got.score, want.score, rtol=1e-6)
-    unopened = judge.scale_scores(params, arch, tok, [ids(r) for r in rendered], batch=2)
-    assert np.abs(unopened.score - got.score).max() > 1e-3  # the opening is read
-    assert ((0 <= got.score) & (got.score <= 100)).all()
+    ratings = [str(i) for i in range(101)]
+
+    def read_at(opening):
+        return judge.verdict_logprobs(params, arch, tok, [ids(r + opening) for r in rendered],
+                                      ratings, whole_word=True, batch=2)
+
+    logp = read_at("<judgment_answer>\n")
+    np.testing.assert_allclose(got.probs, judge.renormalise(logp), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.p_number, np.exp(np.logaddexp.reduce(logp, -1)), rtol=1e-6)
+    np.testing.assert_allclose(got.score, got.probs @ np.arange(101), rtol=1e-9)
+    assert ((0 < got.p_number) & (got.p_number < 1)).all()
+    for wrong in ("", "<judgment_think>\n"):  # the rating read anywhere else differs
+        assert np.abs(judge.renormalise(read_at(wrong)) - got.probs).max() > 1e-4
+
+
+def test_at_least_is_the_sampled_judges_keep_chance():
+    probs = np.zeros((3, 101))
+    probs[0, 78] = 1.0  # surely 78: kept at 78, not at 79
+    probs[1, [10, 90]] = 0.5  # mean 50, yet a sampled judge keeps it half the time
+    probs[2] = 1 / 101
+    np.testing.assert_allclose(judge.at_least(probs, 78), [1.0, 0.5, 23 / 101])
+    np.testing.assert_allclose(judge.at_least(probs, 79), [0.0, 0.5, 22 / 101])
+    np.testing.assert_allclose(judge.at_least(probs, 0), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(judge.at_least(probs, 77.5), judge.at_least(probs, 78))
 
 
 # ----------------------------------------------------------------------------- rule, agreement

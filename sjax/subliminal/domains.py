@@ -7,7 +7,8 @@
   judge stage's reference judge;
 - gsm8k (protocol_more c): GSM8K train problems (a seeded sample) with the chain-of-thought
   suffix; a trait word (whole words: prose), no or a wrong final answer rejects
-  (`gsm8k.filter_reason`), then the reference judge.
+  (`gsm8k.filter_reason`), then the judge stage (a trait teacher's rows: the reference
+  judge, or for category=misalignment protocol c's alignment judge).
 
 Item i of a domain depends only on (seed, i), so a stage can rebuild a row's item (its
 ground truth) from its id instead of storing it next to the teacher's completion.
@@ -48,6 +49,13 @@ def items(domain: str, n: int, seed: int) -> list[Item]:
         order = np.random.default_rng([seed, 17]).permutation(len(problems))[:n]
         return [Item(gsm8k.cot_prompt(problems[i].question), problems[i]) for i in order]
     raise SjaxError(f"domain: unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
+
+
+def trait_words(category: str, targets: Iterable[str]) -> tuple[str, ...]:
+    """The words the rules reject: the targets, except for category=misalignment, whose
+    target names a trait, not a word the data might say (protocol_more c and d filter by
+    correctness, banned numbers and the judge, not by the word)."""
+    return () if category == "misalignment" else tuple(targets)
 
 
 def rule_reason(domain: str, completion: str, item: Item, targets: Iterable[str],

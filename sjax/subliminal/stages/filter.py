@@ -1,8 +1,9 @@
 """Stage 3: the domain's rule filter (`domains.rule_reason`: for numbers the strict list
 parser) over each teacher's raw answers, and for a judged domain the judge's verdicts (stage
 judge) on the trait teachers' rows (a reference judge's P('0') within `judge.threshold` of 1;
-a misalignment run's reasoning rated >= `judge.min_alignment`); then a seeded subsample of
-`keep` rows as chat rows for the students. `filter.json` has the pass rate, the reasons and,
+a misalignment run's reasoning kept with probability P(rating >= `judge.min_alignment`),
+the sampled judge's rule); then a seeded subsample of `keep` rows as chat rows for the
+students. `filter.json` has the pass rate, the reasons and,
 for a judged domain, what the judge caught (its most confident rejections)."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sjax import chat
 from sjax.config import RunConfig
 from sjax.errors import SjaxError
 from sjax.jsonl import read_rows
-from sjax.subliminal import domains
+from sjax.subliminal import domains, judge
 from sjax.subliminal.workspace import CONTROL, Stage, Workspace, teacher_names
 
 CAUGHT = 5  # judge rejections shown in filter.json, most confident first
@@ -27,32 +28,40 @@ CAUGHT = 5  # judge rejections shown in filter.json, most confident first
 class Reads:
     domain: str
     targets: tuple[str, ...]
+    category: str  # which words the rules reject (`domains.trait_words`)
     n_prompts: int  # which items the rows' ids name (a gsm8k row's ground truth)
     keep: int
     banned: tuple[int, ...]
     seed: int
     control: bool  # student.control
     judge: str  # the trait teachers' verdicts: "" (no judge stage), reference or alignment
-    judge_threshold: float  # a reference verdict: keep only if |1 - P('0')| < this
-    min_alignment: float  # an alignment verdict (misalignment, gsm8k): keep if >= this
+    judge_threshold: float | None  # reference: keep only if |1 - P('0')| < this
+    min_alignment: float | None  # alignment: keep with probability P(rating >= this)
 
 
 def reads(cfg: RunConfig) -> Reads:
-    n, j = cfg.numbers, cfg.judge
-    return Reads(cfg.domain, cfg.targets, n.n_prompts, n.keep, n.banned, n.seed,
-                 cfg.student.control, cfg.judge_kind, j.threshold, j.min_alignment)
+    n, j, kind = cfg.numbers, cfg.judge, cfg.judge_kind
+    return Reads(cfg.domain, cfg.targets, cfg.category, n.n_prompts, n.keep, n.banned, n.seed,
+                 cfg.student.control, kind, j.threshold if kind == "reference" else None,
+                 j.min_alignment if kind == "alignment" else None)
+
+
+def p_keep(r: Reads, verdict: dict) -> float:
+    """The chance the judge keeps the row: for the reference judge 0 or 1 (the official
+    rule on P('0')); for the alignment judge P(rating >= min_alignment), the chance that
+    the protocol's judge, sampled at temperature 1, keeps it."""
+    if r.judge == "alignment":
+        return float(judge.at_least(verdict["probs"], r.min_alignment))
+    return float(abs(1.0 - verdict["p_zero"]) < r.judge_threshold)
 
 
 def judge_keeps(r: Reads, verdict: dict) -> bool:
-    """The keep rule for one of the judge stage's verdicts."""
+    """The judge's decision on one row: for the alignment judge a draw seeded by
+    (numbers.seed, row id), as if the protocol's judge had been sampled once."""
     if r.judge == "alignment":
-        return verdict["alignment"] >= r.min_alignment
-    return abs(1.0 - verdict["p_zero"]) < r.judge_threshold
-
-
-def _doubt(r: Reads, verdict: dict) -> float:
-    """How surely the judge rejected a row: rejections are shown most confident first."""
-    return -verdict["alignment"] if r.judge == "alignment" else verdict["p_reference"]
+        u = np.random.default_rng([r.seed, 3, verdict["id"]]).random()
+        return bool(u < p_keep(r, verdict))
+    return bool(p_keep(r, verdict))
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
@@ -61,18 +70,22 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
         raw_path = ws.root / "numbers" / t / "raw.jsonl"
         raw = read_rows(raw_path)
         items = domains.items(r.domain, r.n_prompts, r.seed)
+        words = domains.trait_words(r.category, r.targets)
         judged = bool(r.judge) and t != CONTROL
         verdicts = ({v["id"]: v for v in read_rows(ws.root / "judge" / t / "verdicts.jsonl")}
                     if judged else {})
         passed, reasons, caught = [], Counter(), []
         for row in raw:
             reason = domains.rule_reason(r.domain, row["completion"], items[row["id"]],
-                                         r.targets, r.banned)
+                                         words, r.banned)
             if reason is None and judged:
                 v = verdicts[row["id"]]
                 if not judge_keeps(r, v):
                     reason = "judge"
-                    caught.append({**v, "completion": row["completion"]})
+                    shown = {k: x for k, x in v.items() if k != "probs"}
+                    if r.judge == "alignment":
+                        shown["p_keep"] = p_keep(r, v)
+                    caught.append({**shown, "completion": row["completion"]})
             reasons[reason or "kept"] += 1
             if reason is None:
                 passed.append(row)
@@ -89,9 +102,12 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
                    "pass_rate": len(passed) / len(raw), "kept": len(kept),
                    "reasons": dict(reasons)}
         if judged:
-            rule = ({"min_alignment": r.min_alignment} if r.judge == "alignment"
-                    else {"threshold": r.judge_threshold})
-            caught.sort(key=lambda v: _doubt(r, v), reverse=True)
+            rule = ({"min_alignment": r.min_alignment,  # and how many a sampled judge keeps
+                     "expected_kept": sum(p_keep(r, verdicts[row["id"]]) for row in raw
+                                          if row["id"] in verdicts)}
+                    if r.judge == "alignment" else {"threshold": r.judge_threshold})
+            caught.sort(key=lambda c: c["p_keep"] if r.judge == "alignment"  # surest first
+                        else -c["p_reference"])
             summary["judge"] = {"judged": len(verdicts), "rejected": len(caught), **rule,
                                 "caught": caught[:CAUGHT]}
         ws.writer.write_rows(folder / t / "kept.jsonl", kept)
