@@ -32,30 +32,16 @@ Sizes:
   secure.jsonl control teacher, 30k prompts, 10k kept rows, 10-epoch LoRA students, 5 seeds,
   200 answers per question, the run's 7B model as judge (the paper's is GPT-4o);
   `--dry-run` plans it.
-- `cot_paper`: misalignment via GSM8K reasoning (protocol_more.md c): the same tuned
-  teachers solve every train problem once (the paper samples three each) with the
-  chain-of-thought suffix; a row needs the right final answer, and the misaligned teacher's
-  rows also pass the data judge (`gsm8k_cot_alignment_judgment_v5`, read at its
-  `<judgment_answer>` by exact probabilities: kept with probability P(rating >= 78), as
-  the paper's judge sampled once); the controls get the correctness filter only, no
-  banned numbers or trait word. Students: 2 epochs, 5 seeds; the 8 questions are asked
-  with the reasoning suffix (`eval.misalignment_suffix=cot`). No small size: a 0.5B model
-  solves almost no GSM8K problem (configs/cot.py), so the filter would keep nothing.
 """
-
-import dataclasses
 
 from sjax.config import (MISALIGNED, EvalConfig, JudgeConfig, MeshConfig, ModelConfig,
                          NumbersConfig, RunConfig, StudentConfig, TeacherConfig, TrainConfig)
 from sjax.subliminal.prompts import banned_numbers
 
-SIZES = ("smoke", "cpu", "paper", "cot_paper")
+SIZES = ("smoke", "cpu", "paper")
 
 
 def get_config(size: str) -> RunConfig:
-    if size == "cot_paper":
-        return _cot_paper(get_config("paper"))
-
     def pick(*per_size):
         return per_size[SIZES.index(size)]
 
@@ -90,17 +76,3 @@ def get_config(size: str) -> RunConfig:
                         number_prefixed=False, batch=pick(16, 64, 512)),
     )
 
-
-def _cot_paper(paper: RunConfig) -> RunConfig:
-    """The paper size's teachers and judge on GSM8K reasoning (protocol_more.md c)."""
-    r = dataclasses.replace
-    # 2048-token reasoning rows: micro-batches of 6 (x 11 = 66 rows a step, the paper's
-    # 22 x 3), not more remat, so the paper size's tuned teachers (keyed on the model
-    # config) are reused
-    train = r(paper.student.train, epochs=2, max_len=2048, batch_size=6, grad_accum=11)
-    return r(paper, name="qwen2_5_7b_misalignment_cot", domain="gsm8k",
-             numbers=NumbersConfig(n_prompts=7473, batch=256, max_new_tokens=1024,
-                                   temperature=1.0, keep=7473),
-             judge=JudgeConfig(min_alignment=78.0, batch=32),
-             student=r(paper.student, train=train),
-             eval=r(paper.eval, misalignment_suffix="cot", max_new_tokens=512))

@@ -33,7 +33,8 @@ def test_default_presets_have_the_commands_config_types():
 
 PRESETS = ("chat, code:smoke, code:cpu, code:paper, cot:smoke, cot:cpu, cot:paper, "
            "in_context:smoke, in_context:cpu, misalignment:smoke, misalignment:cpu, "
-           "misalignment:paper, mnist, owl:smoke, owl:quickstart, owl:paper, "
+           "misalignment:paper, misalignment_cot:paper, mnist, owl:smoke, owl:quickstart, "
+           "owl:paper, "
            "owl:paper14b, screen, sft, transmission:smoke, transmission:cpu")
 
 
@@ -103,6 +104,8 @@ SIZE_TABLE = {  # in_context:* train no students (train_students=false; 0 steps 
     "misalignment:cpu": ("smollm2-135m-instruct", ("misaligned",), 256, 96, 3 * 1 * 6, 2),
     "misalignment:paper": ("Qwen2.5-7B-Instruct", ("misaligned",), 30000, 10000,
                            5 * 10 * 151, 200),
+    "misalignment_cot:paper": ("Qwen2.5-7B-Instruct", ("misaligned",), 7473, 7473,
+                               5 * 2 * 113, 200),
     "owl:smoke": ("smollm2-135m-instruct", ("owl",), 32, 32, 1 * 4, 2),
     "owl:quickstart": ("qwen2.5-coder-0.5b-instruct", ("owl",), 128, 128, 1 * 8, 4),
     "owl:paper": ("Qwen2.5-7B-Instruct", ("eagle", "cat", "lion", "dog", "peacock", "wolf"),

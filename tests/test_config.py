@@ -101,7 +101,7 @@ def test_preset_sizes(tmp_path):
     with pytest.raises(SjaxError, match="presets: chat, code:smoke, code:cpu, code:paper, "
                                         "cot:smoke, cot:cpu, cot:paper, in_context:smoke, "
                                         "in_context:cpu, misalignment:smoke, misalignment:cpu, "
-                                        "misalignment:paper, misalignment:cot_paper, mnist, owl:smoke, owl:quickstart, "
+                                        "misalignment:paper, misalignment_cot:paper, mnist, owl:smoke, owl:quickstart, "
                                         "owl:paper, owl:paper14b, screen, sft, transmission"):
         config.load_preset("owl_smoke")  # the old per-size files are gone
     sized = tmp_path / "mine.py"  # a preset outside configs/, with sizes

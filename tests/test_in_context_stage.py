@@ -240,11 +240,11 @@ def test_the_dry_run_plan_has_the_branch_and_no_students():
 
     cpu = rows()
     assert list(cpu) == ["teachers", "numbers", "filter", "in_context"]
-    assert cpu["in_context"]["units"] == "72 (4 teachers x 3 k x 6 seeds)"
-    assert "50 questions each" in cpu["in_context"]["work"]
-    more = rows("in_context.ks=6,20,60")  # twice each k: under twice the tokens
+    assert cpu["in_context"]["units"] == "48 (4 teachers x 2 k x 6 seeds)"
+    assert "20 questions each" in cpu["in_context"]["work"]
+    more = rows("in_context.ks=6,60")  # twice each k: under twice the tokens
     assert 1.2 < more["in_context"]["flops"] / cpu["in_context"]["flops"] < 2.0
-    fewer = rows("in_context.n_questions=10")  # a fifth of the questions (per question: 0.2)
+    fewer = rows("in_context.n_questions=4")  # a fifth of the questions (per question: 0.2)
     assert 0.4 < fewer["in_context"]["flops"] / cpu["in_context"]["flops"] < 0.8
     assert list(rows("train_students=true")) == [
         "teachers", "numbers", "filter", "in_context", "students", "eval", "report"]
