@@ -115,6 +115,13 @@ def test_units_prompts_scores_and_summary(data, tiny, tiny_tokenizer, tmp_path, 
         perm = x["permutation"]
         assert perm["exact"] and perm["n_perm"] == math.comb(4, 2) and perm["p_min"] == 1 / 6
         assert perm["p_greater"] <= x["p_holm"] <= 1
+        d = np.subtract(a, b)  # paired by seed: same row positions, same numbers prompts
+        assert x["paired"]["mean"] == pytest.approx(d.mean(), abs=1e-12)
+        assert x["paired"]["std"] == pytest.approx(d.std(ddof=1), abs=1e-12)
+        assert x["paired"]["p_min"] == 0.25  # 2 pairs: 4 sign flips
+        assert x["paired"]["p_greater"] == np.mean([(d * f).mean() >= d.mean() - 1e-12
+                                                    for f in ((1, 1), (1, -1), (-1, 1),
+                                                              (-1, -1))])
     md = (folder / "summary.md").read_text()
     assert "lift in mean log P" in md and md.count("| owl ") == 2
     assert (folder / "summary.png").stat().st_size > 1000

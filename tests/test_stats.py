@@ -1,5 +1,6 @@
 """sjax.stats against scipy, and the [0, 1]-bounded interval for rates."""
 
+import itertools
 import math
 
 import numpy as np
@@ -88,3 +89,17 @@ def test_rate_ci_edges():
     assert math.isnan(stats.rate_ci([0.4])["lo"])
     with pytest.raises(SjaxError, match=r"rate_ci: values must lie in \[0, 1\]"):
         stats.rate_ci([0.5, 1.2])
+
+
+def test_sign_flip_test_counts_the_flips_by_hand():
+    """One-sided exact p over the 2^n sign flips of paired differences, ties counting."""
+    got = stats.sign_flip_test([0.3, 0.1, -0.2])
+    means = [np.mean(np.multiply([0.3, 0.1, -0.2], s))
+             for s in itertools.product((1, -1), repeat=3)]
+    assert got["p_greater"] == np.mean([m >= np.mean([0.3, 0.1, -0.2]) - 1e-12 for m in means])
+    assert got["p_greater"] == 3 / 8 and got["p_min"] == 1 / 8
+    assert stats.sign_flip_test([1.0] * 6)["p_greater"] == 1 / 64  # the floor: all agree
+    assert stats.sign_flip_test([-1.0, -2.0])["p_greater"] == 1.0
+    assert stats.sign_flip_test([0.0, 0.0])["p_greater"] == 1.0  # ties are extreme
+    with pytest.raises(SjaxError, match="sign_flip_test: needs 1 to 20 pairs, got 0"):
+        stats.sign_flip_test([])

@@ -131,7 +131,11 @@ def summarize(r: Reads, unit_results: dict[tuple[str, int, int], dict]) -> dict:
     """Per target and k: the trait teacher's contexts minus the control teacher's on the
     target's mean log P, one value per seed (a context draw): Welch 95% CI over seeds, a
     one-sided permutation test over the draws' labels (its floor: the smallest p the seeds
-    allow), Holm over every (target, k)."""
+    allow), Holm over every (target, k). Also paired by seed (`paired`): a trait and a
+    control context of one seed take the same row positions, which answer the same numbers
+    prompts, so the two arms share much of their between-draw variance; the paired CI, an
+    exact sign-flip p and the smallest lift the pairs could detect (80% power, two-sided
+    0.05) say how small a lift the design rules out."""
     rows = []
     for target in r.targets:
         for k in r.ks:
@@ -150,12 +154,21 @@ def summarize(r: Reads, unit_results: dict[tuple[str, int, int], dict]) -> dict:
             rows.append({"target": target, "k": k, "metric": METRIC, "seeds": list(r.seeds),
                          "trait_values": a.tolist(), "control_values": b.tolist(),
                          "trait_mean_p": mean_p(target), "control_mean_p": mean_p(CONTROL),
-                         "lift": stats.two_sample(a, b), "permutation": perm})
+                         "lift": stats.two_sample(a, b), "permutation": perm,
+                         "paired": paired(a, b)})
     for row, p_adj in zip(rows, stats.holm([x["permutation"]["p_greater"] for x in rows])):
         row["p_holm"] = p_adj
     return {"model": r.model.name or r.model.path, "targets": list(r.targets),
             "ks": list(r.ks), "seeds": list(r.seeds), "questions": len(r.questions),
             "max_tokens": r.max_tokens, "metric": METRIC, "lifts": rows}
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Trait minus control per seed: mean, 95% CI, sign-flip p and the detectable lift."""
+    d = stats.paired_difference(a, b)
+    se = d["std"] / np.sqrt(d["n"]) if d["n"] > 1 else float("nan")
+    return {**d, **stats.sign_flip_test(a - b),
+            "min_detectable": stats.min_detectable(se, d["n"] - 1)}
 
 
 def table(res: dict) -> str:
@@ -165,12 +178,15 @@ def table(res: dict) -> str:
     return report.markdown_table(
         ("target", "k", "trait contexts (per seed)", "control contexts (per seed)",
          "mean P trait / control", "lift in mean log P [95% CI over seeds]",
-         "p (one-sided; floor)", "Holm p"),
+         "p (one-sided; floor)", "Holm p", "paired by seed [95% CI]",
+         "sign-flip p (floor)", "detectable lift (paired)"),
         [(x["target"], x["k"], ", ".join(f"{v:.3f}" for v in x["trait_values"]),
           ", ".join(f"{v:.3f}" for v in x["control_values"]),
           f"{x['trait_mean_p']:.4g} / {x['control_mean_p']:.4g}", ci(x["lift"]),
           f"{x['permutation']['p_greater']:.3g} ({x['permutation']['p_min']:.2g})",
-          f"{x['p_holm']:.3g}") for x in res["lifts"]])
+          f"{x['p_holm']:.3g}", ci(x["paired"]),
+          f"{x['paired']['p_greater']:.3g} ({x['paired']['p_min']:.2g})",
+          f"{x['paired']['min_detectable']:.3g}") for x in res["lifts"]])
 
 
 def write_summary(ws: Workspace, folder: Path, r: Reads, res: dict) -> None:
@@ -184,7 +200,10 @@ def write_summary(ws: Workspace, folder: Path, r: Reads, res: dict) -> None:
         f"{res['questions']} questions. Each row: the target's teacher's contexts minus the "
         f"control teacher's, on the target's mean log P over the questions; the unit is "
         f"the seed (one draw of k rows); p is a one-sided permutation test over the draws' "
-        f"labels (in brackets its floor), Holm-adjusted over every row.\n\n{table(res)}")
+        f"labels (in brackets its floor), Holm-adjusted over every row. Paired: the same "
+        f"difference per seed (one seed's two contexts take the same row positions, which "
+        f"answer the same numbers prompts), its CI, an exact one-sided sign-flip p and the "
+        f"smallest lift the pairs detect with 80% power (two-sided 0.05).\n\n{table(res)}")
     series = {t: [x["lift"] for x in res["lifts"] if x["target"] == t] for t in r.targets}
     report.line_chart(folder / "summary.png", list(r.ks), series,
                       "in-context: trait teacher's contexts minus control's",
