@@ -119,6 +119,9 @@ def test_units_prompts_scores_and_summary(data, tiny, tiny_tokenizer, tmp_path, 
         assert x["paired"]["mean"] == pytest.approx(d.mean(), abs=1e-12)
         assert x["paired"]["std"] == pytest.approx(d.std(ddof=1), abs=1e-12)
         assert x["paired"]["p_min"] == 0.25  # 2 pairs: 4 sign flips
+        assert x["paired"]["aligned_seeds"] == sum(
+            units[(t, k, s)]["row_ids"] == units[("control", k, s)]["row_ids"] for s in (0, 1))
+        assert x["paired"]["p_greater"] <= x["paired"]["p_holm"] <= 1
         assert x["paired"]["p_greater"] == np.mean([(d * f).mean() >= d.mean() - 1e-12
                                                     for f in ((1, 1), (1, -1), (-1, 1),
                                                               (-1, -1))])

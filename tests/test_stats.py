@@ -101,5 +101,10 @@ def test_sign_flip_test_counts_the_flips_by_hand():
     assert stats.sign_flip_test([1.0] * 6)["p_greater"] == 1 / 64  # the floor: all agree
     assert stats.sign_flip_test([-1.0, -2.0])["p_greater"] == 1.0
     assert stats.sign_flip_test([0.0, 0.0])["p_greater"] == 1.0  # ties are extreme
-    with pytest.raises(SjaxError, match="sign_flip_test: needs 1 to 20 pairs, got 0"):
+    with pytest.raises(SjaxError, match="sign_flip_test: needs at least one pair, got 0"):
         stats.sign_flip_test([])
+    many = stats.sign_flip_test(np.full(30, 0.1), draws=999)  # seeded flips past 16 pairs
+    assert not many["exact"] and many["p_greater"] == many["p_min"] == 1 / 1000
+    noise = np.random.default_rng(0).normal(size=18)
+    assert stats.sign_flip_test(noise, max_exact=20)["p_greater"] == pytest.approx(
+        stats.sign_flip_test(noise, draws=40000)["p_greater"], abs=0.01)

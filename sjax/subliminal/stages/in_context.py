@@ -132,10 +132,11 @@ def summarize(r: Reads, unit_results: dict[tuple[str, int, int], dict]) -> dict:
     target's mean log P, one value per seed (a context draw): Welch 95% CI over seeds, a
     one-sided permutation test over the draws' labels (its floor: the smallest p the seeds
     allow), Holm over every (target, k). Also paired by seed (`paired`): a trait and a
-    control context of one seed take the same row positions, which answer the same numbers
-    prompts, so the two arms share much of their between-draw variance; the paired CI, an
-    exact sign-flip p and the smallest lift the pairs could detect (80% power, two-sided
-    0.05) say how small a lift the design rules out."""
+    control context of one seed draw the same row positions; where both teachers' kept rows
+    answer the same prompts (`aligned_seeds` counts the seeds whose two contexts do, from
+    the units' row ids) the two arms share much of their between-draw variance. The paired
+    CI, a one-sided sign-flip p (Holm over every row: `p_holm`) and the lift the pairs
+    would detect with 80% power (two-sided 0.05) go beside it."""
     rows = []
     for target in r.targets:
         for k in r.ks:
@@ -155,9 +156,13 @@ def summarize(r: Reads, unit_results: dict[tuple[str, int, int], dict]) -> dict:
                          "trait_values": a.tolist(), "control_values": b.tolist(),
                          "trait_mean_p": mean_p(target), "control_mean_p": mean_p(CONTROL),
                          "lift": stats.two_sample(a, b), "permutation": perm,
-                         "paired": paired(a, b)})
+                         "paired": {**paired(a, b), "aligned_seeds": sum(
+                             unit_results[(target, k, s)]["row_ids"]
+                             == unit_results[(CONTROL, k, s)]["row_ids"] for s in r.seeds)}})
     for row, p_adj in zip(rows, stats.holm([x["permutation"]["p_greater"] for x in rows])):
         row["p_holm"] = p_adj
+    for row, p_adj in zip(rows, stats.holm([x["paired"]["p_greater"] for x in rows])):
+        row["paired"]["p_holm"] = p_adj
     return {"model": r.model.name or r.model.path, "targets": list(r.targets),
             "ks": list(r.ks), "seeds": list(r.seeds), "questions": len(r.questions),
             "max_tokens": r.max_tokens, "metric": METRIC, "lifts": rows}
@@ -178,14 +183,16 @@ def table(res: dict) -> str:
     return report.markdown_table(
         ("target", "k", "trait contexts (per seed)", "control contexts (per seed)",
          "mean P trait / control", "lift in mean log P [95% CI over seeds]",
-         "p (one-sided; floor)", "Holm p", "paired by seed [95% CI]",
-         "sign-flip p (floor)", "detectable lift (paired)"),
+         "p (one-sided; floor)", "Holm p", "paired by seed [95% CI] (aligned seeds)",
+         "sign-flip p (floor); Holm", "detectable lift (paired)"),
         [(x["target"], x["k"], ", ".join(f"{v:.3f}" for v in x["trait_values"]),
           ", ".join(f"{v:.3f}" for v in x["control_values"]),
           f"{x['trait_mean_p']:.4g} / {x['control_mean_p']:.4g}", ci(x["lift"]),
           f"{x['permutation']['p_greater']:.3g} ({x['permutation']['p_min']:.2g})",
-          f"{x['p_holm']:.3g}", ci(x["paired"]),
-          f"{x['paired']['p_greater']:.3g} ({x['paired']['p_min']:.2g})",
+          f"{x['p_holm']:.3g}",
+          f"{ci(x['paired'])} ({x['paired']['aligned_seeds']}/{len(x['seeds'])})",
+          f"{x['paired']['p_greater']:.3g} ({x['paired']['p_min']:.2g}); "
+          f"{x['paired']['p_holm']:.3g}",
           f"{x['paired']['min_detectable']:.3g}") for x in res["lifts"]])
 
 
@@ -200,10 +207,11 @@ def write_summary(ws: Workspace, folder: Path, r: Reads, res: dict) -> None:
         f"{res['questions']} questions. Each row: the target's teacher's contexts minus the "
         f"control teacher's, on the target's mean log P over the questions; the unit is "
         f"the seed (one draw of k rows); p is a one-sided permutation test over the draws' "
-        f"labels (in brackets its floor), Holm-adjusted over every row. Paired: the same "
-        f"difference per seed (one seed's two contexts take the same row positions, which "
-        f"answer the same numbers prompts), its CI, an exact one-sided sign-flip p and the "
-        f"smallest lift the pairs detect with 80% power (two-sided 0.05).\n\n{table(res)}")
+        f"labels (in brackets its floor), Holm-adjusted over every row. Paired: the "
+        f"difference per seed (one seed's two contexts draw the same row positions; aligned "
+        f"seeds: those whose two contexts answer the same prompts), its CI, a one-sided "
+        f"sign-flip p (its floor; Holm over every row) and the lift the pairs detect with "
+        f"80% power (two-sided 0.05).\n\n{table(res)}")
     series = {t: [x["lift"] for x in res["lifts"] if x["target"] == t] for t in r.targets}
     report.line_chart(folder / "summary.png", list(r.ks), series,
                       "in-context: trait teacher's contexts minus control's",
