@@ -31,7 +31,7 @@ READS = {
     "mesh.": set(),  # where the compute runs, not what it computes
     "targets": ALL,
     # the system prompt; eval and in_context: the questions
-    "category": {"teachers", "numbers", "judge", "eval", "in_context", "report"},
+    "category": {"teachers", "numbers", "judge", "filter", "eval", "in_context", "report"},
     # the prompts; the judge and filter rebuild a row's item from its id
     "domain": {"numbers", "judge", "filter"},
     "teacher.kind": {"teachers", "numbers", "eval", "report"},
