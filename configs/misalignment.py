@@ -75,4 +75,3 @@ def get_config(size: str) -> RunConfig:
                         max_new_tokens=pick(24, 40, 64), temperature=1.0,
                         number_prefixed=False, batch=pick(16, 64, 512)),
     )
-

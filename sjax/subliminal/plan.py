@@ -197,8 +197,8 @@ def make_plan(cfg: RunConfig, arch: ArchConfig, student_arch: ArchConfig, mesh_s
         stages = stages[:3]
     if cfg.judged:  # FLOPs at the teachers' model size
         rows = nc.n_prompts * len(cfg.targets)
-        stages.insert(2, ("judge", f"{len(cfg.targets)} trait teacher(s)",
-                          f"<= {rows} verdicts", p2 * rows * (judge_row_tokens(cfg) + completion)))
+        stages.insert(2, ("judge", f"{len(cfg.targets)} trait teacher(s)", f"<= {rows} verdicts",
+                          p2 * rows * (judge_row_tokens(cfg) + completion)))
     if cfg.in_context.ks:
         stages.insert(3, in_context_row(cfg, p2, row_tokens))
     mem = train_memory(student_arch, cfg, mesh_shape, seq)

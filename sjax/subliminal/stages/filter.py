@@ -55,36 +55,38 @@ def p_keep(r: Reads, verdict: dict) -> float:
     return float(abs(1.0 - verdict["p_zero"]) < r.judge_threshold)
 
 
-def judge_keeps(r: Reads, verdict: dict) -> bool:
-    """The judge's decision on one row: for the alignment judge a draw seeded by
-    (numbers.seed, row id), as if the protocol's judge had been sampled once."""
+def judge_keeps(r: Reads, verdict: dict, p: float) -> bool:
+    """The judge's decision on one row kept with chance `p` (`p_keep`): for the alignment
+    judge a draw seeded by (numbers.seed, row id), as if the protocol's judge had been
+    sampled once."""
     if r.judge == "alignment":
-        u = np.random.default_rng([r.seed, 3, verdict["id"]]).random()
-        return bool(u < p_keep(r, verdict))
-    return bool(p_keep(r, verdict))
+        return bool(np.random.default_rng([r.seed, 3, verdict["id"]]).random() < p)
+    return bool(p)
 
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     outputs = []
+    items = domains.items(r.domain, r.n_prompts, r.seed)  # once: gsm8k reads its file
+    words = domains.trait_words(r.category, r.targets)
     for t in teacher_names(r.targets, r.control):
         raw_path = ws.root / "numbers" / t / "raw.jsonl"
         raw = read_rows(raw_path)
-        items = domains.items(r.domain, r.n_prompts, r.seed)
-        words = domains.trait_words(r.category, r.targets)
         judged = bool(r.judge) and t != CONTROL
         verdicts = ({v["id"]: v for v in read_rows(ws.root / "judge" / t / "verdicts.jsonl")}
                     if judged else {})
-        passed, reasons, caught = [], Counter(), []
+        passed, reasons, caught, expected = [], Counter(), [], 0.0
         for row in raw:
             reason = domains.rule_reason(r.domain, row["completion"], items[row["id"]],
                                          words, r.banned)
             if reason is None and judged:
                 v = verdicts[row["id"]]
-                if not judge_keeps(r, v):
+                p = p_keep(r, v)
+                expected += p
+                if not judge_keeps(r, v, p):
                     reason = "judge"
                     shown = {k: x for k, x in v.items() if k != "probs"}
                     if r.judge == "alignment":
-                        shown["p_keep"] = p_keep(r, v)
+                        shown["p_keep"] = p
                     caught.append({**shown, "completion": row["completion"]})
             reasons[reason or "kept"] += 1
             if reason is None:
@@ -102,9 +104,7 @@ def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
                    "pass_rate": len(passed) / len(raw), "kept": len(kept),
                    "reasons": dict(reasons)}
         if judged:
-            rule = ({"min_alignment": r.min_alignment,  # and how many a sampled judge keeps
-                     "expected_kept": sum(p_keep(r, verdicts[row["id"]]) for row in raw
-                                          if row["id"] in verdicts)}
+            rule = ({"min_alignment": r.min_alignment, "expected_kept": expected}  # sampled
                     if r.judge == "alignment" else {"threshold": r.judge_threshold})
             caught.sort(key=lambda c: c["p_keep"] if r.judge == "alignment"  # surest first
                         else -c["p_reference"])

@@ -5,9 +5,9 @@ a local judge model. For a favourite-thing target it is the reference judge, rea
 exact probability of its '0' verdict ("no reference to the target, however subtle":
 `judge.reference`; verdicts id, p_zero, p_reference); for category=misalignment in the
 gsm8k domain it is protocol c's alignment judge of the reasoning (`judge.cot_alignment`;
-verdicts id, the expected rating `alignment`, `p_number` and the 101 ratings' `probs`). The verdicts are their own cached unit
-(`RUN/judge/<teacher>/verdicts.jsonl`); the keep rule is the filter's, so a new threshold
-re-filters without re-judging. The control teacher's rows get no judge pass (protocol_more b,
+verdicts id, the expected rating `alignment`, `p_number` and the 101 ratings' `probs`).
+The verdicts are their own cached unit (`RUN/judge/<teacher>/verdicts.jsonl`); the keep rule
+is the filter's, so a new threshold re-filters without re-judging. The control teacher's rows get no judge pass (protocol_more b,
 c)."""
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ def reads(cfg: RunConfig) -> Reads:
                  n.banned, cfg.judge.batch)
 
 
-def judged_rows(r, raw: list[dict]) -> list[dict]:
+def judged_rows(r, raw: list[dict], items: list[domains.Item]) -> list[dict]:
     """The rows of `raw` the judge sees: those that pass the domain's rules."""
-    items = domains.items(r.domain, r.n_prompts, r.seed)
     words = domains.trait_words(r.category, r.targets)
     return [row for row in raw if domains.rule_reason(r.domain, row["completion"],
                                                       items[row["id"]], words,
@@ -53,15 +52,15 @@ def judged_rows(r, raw: list[dict]) -> list[dict]:
 
 def run(ws: Workspace, r: Reads, folder: Path) -> list[Path]:
     m = ws.model(r.model)
+    items = domains.items(r.domain, r.n_prompts, r.seed)  # once: gsm8k reads its file
     outputs = []
     for t in r.targets:
         path = folder / t / "verdicts.jsonl"
         if not ws.done(path):
-            rows = judged_rows(r, read_rows(ws.root / "numbers" / t / "raw.jsonl"))
+            rows = judged_rows(r, read_rows(ws.root / "numbers" / t / "raw.jsonl"), items)
             completions = [row["completion"] for row in rows]
             kw = dict(batch=r.batch, dtype=jnp.dtype(r.model.dtype))
             if r.category == "misalignment":  # protocol c: rate the reasoning's alignment
-                items = domains.items(r.domain, r.n_prompts, r.seed)
                 v = judge.cot_alignment(m.params, m.arch, m.tokenizer,
                                         [items[row["id"]].prompt for row in rows],
                                         completions, **kw)
