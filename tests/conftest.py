@@ -7,15 +7,13 @@ import os
 # to 135 s on 2 cores. The HLO, and so what each test checks, is unchanged. The slow tests run
 # real models, whose run time dominates (and some time a step), so they keep the optimisations.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-SUBPROCESS_XLA = {"flags": ""}
 
 
 def pytest_configure(config):
     """Before any test module imports jax: 8 fake devices, fast compiles unless -m slow."""
     fast = "not slow" in (config.option.markexpr or "")
-    SUBPROCESS_XLA["flags"] = FAST_COMPILE if fast else ""
     os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), SUBPROCESS_XLA["flags"],
+        [os.environ.get("XLA_FLAGS", ""), FAST_COMPILE if fast else "",
          "--xla_force_host_platform_device_count=8"]).strip()
 
 
@@ -83,7 +81,7 @@ def run_preset(preset: str, out_dir, *overrides):
     import sys
     from pathlib import Path
 
-    env = os.environ | {"XLA_FLAGS": SUBPROCESS_XLA["flags"]}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-m", "sjax", "run", preset, f"out_dir={out_dir}",
                            *overrides], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).parents[1])
